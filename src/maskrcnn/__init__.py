@@ -1,0 +1,8 @@
+"""Mask R-CNN instance segmentation: exact with torchvision checkpoints, one readable codebase."""
+
+from .errors import MaskRCNNError
+from .modeling.model import ARCHS, MaskRCNN, ModelConfig, build_model
+from .weights import load, save_checkpoint
+
+__version__ = "0.1.0"
+__all__ = ["ARCHS", "MaskRCNN", "MaskRCNNError", "ModelConfig", "build_model", "load", "save_checkpoint"]

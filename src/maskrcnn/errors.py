@@ -1,0 +1,8 @@
+"""One exception type for problems the user can fix (bad file, bad field, bad option).
+
+The CLI prints these as a single line and exits non-zero; anything else is a bug and keeps its traceback.
+"""
+
+
+class MaskRCNNError(Exception):
+    """A user-facing error: the message names the file and what is wrong with it."""

@@ -1,0 +1,58 @@
+"""Box branch: pooled 7x7 features -> a vector -> class scores and class-specific box deltas."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import ConvNormAct
+
+
+class MLPBoxHead(nn.Module):
+    """Two fully connected layers (the original Mask R-CNN head)."""
+
+    def __init__(self, in_channels: int, pooled_size: int = 7, hidden: int = 1024):
+        super().__init__()
+        self.fc1 = nn.Linear(in_channels * pooled_size ** 2, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.out_features = hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return torch.relu(self.fc2(x))
+
+
+class ConvFCBoxHead(nn.Module):
+    """Four 3x3 convs with normalisation, then one fully connected layer (the "v2" head, Li et al. 2021)."""
+
+    def __init__(self, in_channels: int, pooled_size: int = 7, conv_channels: int = 256, num_convs: int = 4,
+                 hidden: int = 1024, norm: str | None = "bn"):
+        super().__init__()
+        self.convs = nn.Sequential(*(ConvNormAct(in_channels if i == 0 else conv_channels, conv_channels, 3,
+                                                 norm=norm) for i in range(num_convs)))
+        self.fc = nn.Linear(conv_channels * pooled_size ** 2, hidden)
+        self.out_features = hidden
+        for m in self.convs.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(self.convs(x).flatten(1)))
+
+
+class BoxPredictor(nn.Module):
+    """Class logits (background is class 0) and one set of box deltas per class."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.class_logits = nn.Linear(in_features, num_classes)
+        self.box_deltas = nn.Linear(in_features, num_classes * 4)
+        nn.init.normal_(self.class_logits.weight, std=0.01)
+        nn.init.normal_(self.box_deltas.weight, std=0.001)
+        nn.init.zeros_(self.class_logits.bias)
+        nn.init.zeros_(self.box_deltas.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.class_logits(x), self.box_deltas(x)

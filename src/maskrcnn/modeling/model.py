@@ -1,0 +1,186 @@
+"""Mask R-CNN (He et al. 2017) as a short composition of its stages:
+
+    images -> transform -> backbone -> FPN -> RPN proposals -> box branch -> detections
+           -> mask branch -> masks pasted into the input image
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch import nn
+
+from .anchors import AnchorGenerator
+from .backbone import ResNet
+from .box_head import BoxPredictor, ConvFCBoxHead, MLPBoxHead
+from .boxes import BoxCoder
+from .fpn import FPN
+from .mask_head import MaskHead, MaskPredictor
+from .poolers import MultiLevelRoIAlign
+from .postprocess import paste_masks, select_detections
+from .rpn import RegionProposalNetwork, RPNConfig, RPNHead
+from .transform import ImageTransform, rescale_boxes
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model; saved inside our checkpoints."""
+
+    depth: int = 50
+    num_classes: int = 91
+    backbone_norm: str = "frozen_bn"     # frozen_bn (fine-tuning) | bn | gn (training from scratch)
+    frozen_stages: int = 2               # stem + layer1 get no gradients when fine-tuning
+    fpn_norm: str | None = None
+    fpn_channels: int = 256
+    rpn_conv_depth: int = 1
+    box_head: str = "mlp"                # mlp (2fc) | conv (4conv + 1fc)
+    head_norm: str | None = None         # norm in the conv box head and the mask head
+    box_head_hidden: int = 1024
+    mask_head_channels: int = 256
+    min_size: int | tuple[int, ...] = 800
+    max_size: int = 1333
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    box_fg_iou_thresh: float = 0.5
+    box_bg_iou_thresh: float = 0.5
+    box_batch_size_per_image: int = 512
+    box_positive_fraction: float = 0.25
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        data = dict(data)
+        if isinstance(data.get("rpn"), dict):
+            data["rpn"] = RPNConfig(**data["rpn"])
+        for key in ("image_mean", "image_std", "anchor_sizes", "aspect_ratios"):
+            if key in data:
+                data[key] = tuple(data[key])
+        if isinstance(data.get("min_size"), list):
+            data["min_size"] = tuple(data["min_size"])
+        return cls(**data)
+
+
+def _v1(depth: int) -> dict:
+    return dict(depth=depth)
+
+
+ARCHS: dict[str, dict] = {
+    "resnet18_fpn": _v1(18),
+    "resnet34_fpn": _v1(34),
+    "resnet50_fpn": _v1(50),
+    "resnet101_fpn": _v1(101),
+    # torchvision's "v2" recipe: BN everywhere, two-conv RPN head, 4conv+1fc box head, normed mask head.
+    "resnet50_fpn_v2": dict(depth=50, backbone_norm="bn", fpn_norm="bn", rpn_conv_depth=2, box_head="conv",
+                            head_norm="bn"),
+}
+
+
+def arch_config(arch: str, num_classes: int = 91, **options) -> ModelConfig:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
+    merged = {**ARCHS[arch], "num_classes": num_classes, **options}
+    if isinstance(merged.get("rpn"), dict):
+        merged["rpn"] = RPNConfig(**merged["rpn"])
+    return ModelConfig(**merged)
+
+
+def build_model(arch: str = "resnet50_fpn", num_classes: int = 91, **options) -> "MaskRCNN":
+    """A randomly initialised model. `options` override any `ModelConfig` field, e.g. backbone_norm="gn"."""
+    return MaskRCNN(arch_config(arch, num_classes, **options))
+
+
+class MaskRCNN(nn.Module):
+    def __init__(self, config: ModelConfig, class_names: list[str] | None = None,
+                 category_ids: list[int] | None = None):
+        super().__init__()
+        c = config
+        self.config = c
+        self.class_names = class_names or ["__background__"] + [f"class_{i}" for i in range(1, c.num_classes)]
+        self.category_ids = category_ids or list(range(c.num_classes))
+        self.transform = ImageTransform(c.min_size, c.max_size, c.image_mean, c.image_std)
+        self.backbone = ResNet(c.depth, c.backbone_norm, c.frozen_stages)
+        self.fpn = FPN(self.backbone.out_channels, c.fpn_channels, c.fpn_norm)
+        anchors = AnchorGenerator(c.anchor_sizes, c.aspect_ratios)
+        self.rpn = RegionProposalNetwork(RPNHead(c.fpn_channels, anchors.num_anchors_per_location,
+                                                 c.rpn_conv_depth), anchors, c.rpn)
+        self.box_pooler = MultiLevelRoIAlign(7, sampling_ratio=2)
+        if c.box_head == "mlp":
+            self.box_head = MLPBoxHead(c.fpn_channels, 7, c.box_head_hidden)
+        elif c.box_head == "conv":
+            self.box_head = ConvFCBoxHead(c.fpn_channels, 7, hidden=c.box_head_hidden, norm=c.head_norm)
+        else:
+            raise ValueError(f"unknown box head {c.box_head!r}; choose 'mlp' or 'conv'")
+        self.box_predictor = BoxPredictor(self.box_head.out_features, c.num_classes)
+        self.box_coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+        self.mask_pooler = MultiLevelRoIAlign(14, sampling_ratio=2)
+        self.mask_head = MaskHead(c.fpn_channels, c.mask_head_channels, norm=c.head_norm)
+        self.mask_predictor = MaskPredictor(c.mask_head_channels, c.num_classes, c.mask_head_channels)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
+        """Eval: list of (3,H,W) float images in [0,1] -> one dict per image with boxes, labels, scores and
+        masks (N,1,H,W probabilities), all in input pixels. Training: images and targets -> dict of losses."""
+        if self.training:
+            if targets is None:
+                raise ValueError("training mode needs targets (call model.eval() for inference)")
+            from ..engine.losses import training_losses  # the training path lives with the trainer
+            return training_losses(self, images, targets)
+        return self.predict(images)
+
+    def features(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """P2..P6 for a normalised, padded batch."""
+        return self.fpn(self.backbone(batch))
+
+    @torch.no_grad()
+    def predict(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        batch, sizes, _ = self.transform(images)
+        features = self.features(batch)
+        proposals, _ = self.rpn(features, sizes, batch.shape[-2:])
+        detections = self.detect_boxes(features[:4], proposals, sizes)
+        self.predict_masks(features[:4], detections, sizes)
+        return [self.to_input_pixels(d, size, orig) for d, size, orig in zip(detections, sizes, original_sizes)]
+
+    def detect_boxes(self, features: list[torch.Tensor], proposals: list[torch.Tensor],
+                     sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        pooled = self.box_pooler(features, proposals, sizes)
+        class_logits, box_deltas = self.box_predictor(self.box_head(pooled))
+        c = self.config
+        return select_detections(class_logits, box_deltas, proposals, sizes, self.box_coder,
+                                 score_thresh=c.score_thresh, nms_thresh=c.nms_thresh,
+                                 detections_per_img=c.detections_per_img)
+
+    def predict_masks(self, features: list[torch.Tensor], detections: list[dict],
+                      sizes: list[tuple[int, int]]) -> None:
+        """Adds `mask_probs` (K, 28, 28): the sigmoid of the detected class's mask logits."""
+        boxes = [d["boxes"] for d in detections]
+        if sum(len(b) for b in boxes) == 0:
+            for d in detections:
+                d["mask_probs"] = features[0].new_zeros((0, 28, 28))
+            return
+        logits = self.mask_predictor(self.mask_head(self.mask_pooler(features, boxes, sizes)))
+        labels = torch.cat([d["labels"] for d in detections])
+        probs = logits[torch.arange(len(labels), device=labels.device), labels].sigmoid()
+        for d, p in zip(detections, probs.split([len(b) for b in boxes])):
+            d["mask_probs"] = p
+
+    def to_input_pixels(self, det: dict, size: tuple[int, int], original: tuple[int, int]) -> dict:
+        boxes = rescale_boxes(det["boxes"], size, original)
+        masks = paste_masks(det["mask_probs"], boxes, original)[:, None]
+        return {"boxes": boxes, "labels": det["labels"], "scores": det["scores"], "masks": masks}
