@@ -1,0 +1,143 @@
+"""Hand-checkable cases for each stage."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from maskrcnn.modeling.anchors import AnchorGenerator, base_anchors
+from maskrcnn.modeling.backbone import ResNet
+from maskrcnn.modeling.boxes import BoxCoder, clip_boxes
+from maskrcnn.modeling.layers import FrozenBatchNorm2d
+from maskrcnn.modeling.model import build_model
+from maskrcnn.modeling.poolers import level_of_boxes
+from maskrcnn.modeling.postprocess import paste_masks
+from maskrcnn.modeling.transform import ImageTransform
+
+
+def test_base_anchors_by_hand():
+    # square: side 32 centred at 0; ratio 0.5 (h/w): w = 32/sqrt(.5) = 45.25 -> half 22.6 -> 23, h half 11.3 -> 11
+    a = base_anchors(32, (0.5, 1.0, 2.0))
+    assert a.tolist() == [[-23.0, -11.0, 23.0, 11.0], [-16.0, -16.0, 16.0, 16.0], [-11.0, -23.0, 11.0, 23.0]]
+
+
+def test_anchor_grid_order_and_stride():
+    gen = AnchorGenerator(sizes=(32, 64), aspect_ratios=(1.0,))
+    level0, level1 = gen((64, 96), [(16, 24), (8, 12)], torch.device("cpu"))
+    assert level0.shape == (16 * 24, 4) and level1.shape == (8 * 12, 4)
+    # cell (row 0, col 1) is the 2nd anchor: shifted by the stride 4 in x
+    assert level0[1].tolist() == [4 - 16, -16, 4 + 16, 16]
+    # cell (row 1, col 0) comes after a full row
+    assert level0[24].tolist() == [-16, 4 - 16, 16, 4 + 16]
+    assert level1[13].tolist() == [8 - 32, 8 - 32, 8 + 32, 8 + 32]
+
+
+def test_box_encode_decode_round_trip():
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(50, 2, generator=g) * 100
+    ref = torch.cat((ref, ref + 1 + torch.rand(50, 2, generator=g) * 50), 1)
+    boxes = torch.rand(50, 2, generator=g) * 100
+    boxes = torch.cat((boxes, boxes + 1 + torch.rand(50, 2, generator=g) * 50), 1)
+    deltas = coder.encode(boxes, ref)
+    assert torch.allclose(coder.decode(deltas, ref)[:, 0], boxes, atol=1e-3)
+    # zero deltas decode to the reference box itself
+    assert torch.allclose(coder.decode(torch.zeros(50, 8), ref)[:, 1], ref, atol=1e-4)
+    # a box twice as wide, same centre: dw = 5 * log 2
+    d = coder.encode(torch.tensor([[0.0, 0, 40, 10]]), torch.tensor([[10.0, 0, 30, 10]]))
+    assert torch.allclose(d, torch.tensor([[0.0, 0, 5 * math.log(2), 0]]))
+
+
+def test_clip_boxes():
+    b = torch.tensor([[-5.0, -1, 700, 50], [10, 20, 30, 500]])
+    assert clip_boxes(b, (480, 640)).tolist() == [[0, 0, 640, 50], [10, 20, 30, 480]]
+
+
+def test_level_mapping():
+    def box(side):
+        return torch.tensor([[0.0, 0.0, side, side]])
+    # 224 -> P4 (index 2 counting from P2); halving the side moves one level down; clamped to P2..P5
+    assert [level_of_boxes(box(s), 2, 5).item() for s in (224, 112, 111, 56, 10, 448, 2000)] == [2, 1, 0, 0, 0, 3, 3]
+
+
+def test_frozen_batchnorm_matches_eval_batchnorm():
+    bn = torch.nn.BatchNorm2d(8).eval()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2); bn.bias.uniform_(-1, 1)
+        bn.running_mean.uniform_(-1, 1); bn.running_var.uniform_(0.5, 2)
+    frozen = FrozenBatchNorm2d(8)
+    frozen.load_state_dict(bn.state_dict())  # num_batches_tracked is dropped
+    x = torch.randn(2, 8, 5, 5)
+    assert torch.allclose(frozen(x), bn(x), atol=1e-5)
+
+
+def test_resnet_feature_strides_and_channels():
+    for depth, channels in ((18, [64, 128, 256, 512]), (50, [256, 512, 1024, 2048])):
+        net = ResNet(depth).eval()
+        feats = net(torch.rand(1, 3, 64, 96))
+        assert [f.shape[1] for f in feats] == channels == net.out_channels
+        assert [f.shape[-2:] for f in feats] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+
+
+def test_frozen_stages_have_no_gradients():
+    net = ResNet(18, frozen_stages=2)
+    assert not any(p.requires_grad for p in net.layer1.parameters())
+    assert all(p.requires_grad for p in net.layer2.parameters() if p.dtype.is_floating_point)
+
+
+def test_transform_resize_and_pad():
+    t = ImageTransform(min_size=800, max_size=1333).eval()
+    batch, sizes, _ = t([torch.rand(3, 480, 640), torch.rand(3, 500, 2000)])
+    assert sizes[0] == (800, 1066)        # 800/480 = 1.667; 640 * 1.667 = 1066.7 floors to 1066
+    assert sizes[1] == (333, 1333)        # long side capped: 2000 -> 1333
+    assert batch.shape == (2, 3, 800, 1344) and batch.shape[-1] % 32 == 0
+    assert batch[1, :, 333:].abs().sum() == 0  # padding is zero
+
+
+def _paste_one_by_one(mask: torch.Tensor, box: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Reference: pad by one pixel, grow the box to match, resize with F.interpolate, copy into place."""
+    m = F.pad(mask[None, None], (1, 1, 1, 1))[0, 0]
+    scale = (mask.shape[-1] + 2) / mask.shape[-1]
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    hw, hh = (box[2] - box[0]) / 2 * scale, (box[3] - box[1]) / 2 * scale
+    x0, y0, x1, y1 = [int(v) for v in (cx - hw, cy - hh, cx + hw, cy + hh)]
+    bw, bh = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
+    r = F.interpolate(m[None, None], size=(bh, bw), mode="bilinear", align_corners=False)[0, 0]
+    out = torch.zeros(h, w)
+    ys, ye, xs, xe = max(y0, 0), min(y1 + 1, h), max(x0, 0), min(x1 + 1, w)
+    if ye > ys and xe > xs:
+        out[ys:ye, xs:xe] = r[ys - y0:ye - y0, xs - x0:xe - x0]
+    return out
+
+
+def test_paste_known_mask():
+    # a full 28x28 mask in box (10,20)-(38,48): inside is 1, outside 0, edges fade over about a pixel
+    masks = torch.ones(1, 28, 28)
+    pasted = paste_masks(masks, torch.tensor([[10.0, 20.0, 38.0, 48.0]]), (60, 50))[0]
+    assert pasted[22:46, 12:36].min() > 0.99
+    assert pasted[:18].abs().max() == 0 and pasted[:, :8].abs().max() == 0 and pasted[51:].abs().max() == 0
+
+
+def test_paste_matches_per_mask_interpolation():
+    g = torch.Generator().manual_seed(1)
+    masks = torch.rand(12, 28, 28, generator=g)
+    xy = torch.rand(12, 2, generator=g) * 120 - 20
+    boxes = torch.cat((xy, xy + torch.rand(12, 2, generator=g) * 80 + 0.2), 1)
+    boxes[0] = torch.tensor([5.0, 5.0, 5.3, 5.2])  # sub-pixel box
+    pasted = paste_masks(masks, boxes, (90, 110))
+    for m, b, p in zip(masks, boxes, pasted):
+        assert torch.allclose(p, _paste_one_by_one(m, b, 90, 110), atol=1e-5)
+
+
+def test_model_accepts_any_sizes_and_returns_input_pixels():
+    model = build_model("resnet18_fpn", num_classes=5, min_size=128, max_size=256).eval()
+    images = [torch.rand(3, 100, 150), torch.rand(3, 77, 60)]
+    out = model(images)
+    for o, im in zip(out, images):
+        assert o["masks"].shape[-2:] == im.shape[-2:]
+        assert o["masks"].dtype == torch.float32 and o["labels"].dtype == torch.int64
+        if len(o["boxes"]):
+            assert o["boxes"][:, 2].max() <= im.shape[-1] and o["boxes"][:, 3].max() <= im.shape[-2]
+            assert 1 <= o["labels"].min() and o["labels"].max() <= 4
