@@ -139,7 +139,8 @@ class MaskRCNN(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("training mode needs targets (call model.eval() for inference)")
-            from ..engine.losses import training_losses  # the training path lives with the trainer
+            from .losses import training_losses
+
             return training_losses(self, images, targets)
         return self.predict(images)
 

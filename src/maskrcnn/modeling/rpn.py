@@ -53,6 +53,13 @@ class RPNConfig:
     positive_fraction: float = 0.5
 
 
+@dataclass
+class RPNOutputs:
+    objectness: torch.Tensor  # (N, total anchors) logits
+    deltas: torch.Tensor      # (N, total anchors, 4)
+    anchors: torch.Tensor     # (total anchors, 4), shared by all images of the batch
+
+
 class RegionProposalNetwork(nn.Module):
     def __init__(self, head: RPNHead, anchors: AnchorGenerator, config: RPNConfig):
         super().__init__()
@@ -62,16 +69,12 @@ class RegionProposalNetwork(nn.Module):
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
 
     def forward(self, features: list[torch.Tensor], image_sizes: list[tuple[int, int]],
-                batch_shape: tuple[int, int], targets: list[dict] | None = None):
-        """Returns (proposals per image, losses). Losses are only computed when targets are given."""
+                batch_shape: tuple[int, int]) -> tuple[list[torch.Tensor], "RPNOutputs"]:
+        """Proposals per image, plus the raw per-anchor outputs that the training losses need."""
         logits, deltas = self.head(features)
         anchors = self.anchor_generator(batch_shape, [f.shape[-2:] for f in features], features[0].device)
         proposals = self.select_proposals(logits, deltas, anchors, image_sizes)
-        losses = {}
-        if targets is not None:
-            from .rpn_loss import rpn_losses  # training-only code lives apart from inference
-            losses = rpn_losses(self, logits, deltas, anchors, targets)
-        return proposals, losses
+        return proposals, RPNOutputs(torch.cat(logits, 1), torch.cat(deltas, 1), torch.cat(anchors))
 
     @torch.no_grad()
     def select_proposals(self, logits: list[torch.Tensor], deltas: list[torch.Tensor],

@@ -1,0 +1,133 @@
+"""The training-mode forward pass: the same stages as inference, plus the five Mask R-CNN losses.
+
+    loss_objectness   RPN: is there an object at this anchor (binary cross-entropy)
+    loss_rpn_box_reg  RPN: anchor -> object box deltas (smooth L1), positives only
+    loss_classifier   box head: which class is this proposal (cross-entropy)
+    loss_box_reg      box head: proposal -> object box deltas for its true class (smooth L1)
+    loss_mask         mask head: 28x28 mask of the true class (per-pixel binary cross-entropy)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+from .matching import BACKGROUND, IGNORED, match_boxes, sample_balanced
+from .rpn import RPNOutputs
+
+SMOOTH_L1_BETA = 1.0 / 9
+
+
+def training_losses(model, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
+    _check_targets(images, targets)
+    batch, sizes, targets = model.transform(images, targets)
+    features = model.features(batch)
+    proposals, rpn_out = model.rpn(features, sizes, batch.shape[-2:])
+    losses = rpn_losses(model.rpn, rpn_out, targets)
+
+    cfg = model.config
+    samples = [sample_proposals(p.detach(), t, cfg) for p, t in zip(proposals, targets)]
+    boxes = [s["boxes"] for s in samples]
+    pooled = model.box_pooler(features[:4], boxes, sizes)
+    class_logits, box_deltas = model.box_predictor(model.box_head(pooled))
+    losses.update(box_losses(class_logits, box_deltas, samples, model.box_coder))
+
+    positive = [s["labels"] > 0 for s in samples]
+    pos_boxes = [s["boxes"][p] for s, p in zip(samples, positive)]
+    mask_logits = model.mask_predictor(model.mask_head(model.mask_pooler(features[:4], pos_boxes, sizes)))
+    losses["loss_mask"] = mask_loss(mask_logits, samples, positive, targets)
+    return losses
+
+
+def _check_targets(images: list[torch.Tensor], targets: list[dict]) -> None:
+    if len(images) != len(targets):
+        raise ValueError(f"{len(images)} images but {len(targets)} targets")
+    for i, t in enumerate(targets):
+        boxes = t["boxes"]
+        if boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"target {i}: boxes must have shape (N, 4), got {tuple(boxes.shape)}")
+        if len(boxes) and ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
+            raise ValueError(f"target {i}: boxes must have positive width and height")
+
+
+def rpn_losses(rpn, out: RPNOutputs, targets: list[dict]) -> dict[str, torch.Tensor]:
+    cfg = rpn.config
+    labels, regression = [], []
+    for t in targets:
+        matches = match_boxes(t["boxes"], out.anchors, cfg.fg_iou_thresh, cfg.bg_iou_thresh,
+                              keep_best_for_each_gt=True)
+        label = (matches >= 0).to(torch.float32)
+        label[matches == IGNORED] = -1.0
+        labels.append(label)
+        gt = t["boxes"][matches.clamp(min=0)] if len(t["boxes"]) else torch.zeros_like(out.anchors)
+        regression.append(rpn.box_coder.encode(gt, out.anchors))
+    pos, neg = [], []
+    for i, label in enumerate(labels):
+        p, n = sample_balanced(label, cfg.batch_size_per_image, cfg.positive_fraction)
+        offset = i * len(label)
+        pos.append(p + offset)
+        neg.append(n + offset)
+    pos, neg = torch.cat(pos), torch.cat(neg)
+    sampled = torch.cat((pos, neg))
+    objectness = out.objectness.reshape(-1)
+    deltas = out.deltas.reshape(-1, 4)
+    labels, regression = torch.cat(labels), torch.cat(regression)
+    box_loss = F.smooth_l1_loss(deltas[pos], regression[pos], beta=SMOOTH_L1_BETA, reduction="sum")
+    return {
+        "loss_objectness": F.binary_cross_entropy_with_logits(objectness[sampled], labels[sampled]),
+        "loss_rpn_box_reg": box_loss / max(sampled.numel(), 1),
+    }
+
+
+def sample_proposals(proposals: torch.Tensor, target: dict, cfg) -> dict[str, torch.Tensor]:
+    """Proposals to train the box head on (ground truth added, so every object has a perfect proposal),
+    with their class labels, regression targets' source boxes and matched ground-truth index."""
+    gt_boxes, gt_labels = target["boxes"], target["labels"]
+    boxes = torch.cat((proposals, gt_boxes.to(proposals.dtype)))
+    matches = match_boxes(gt_boxes, boxes, cfg.box_fg_iou_thresh, cfg.box_bg_iou_thresh,
+                          keep_best_for_each_gt=False)
+    if len(gt_boxes):
+        labels = gt_labels[matches.clamp(min=0)].to(torch.int64)
+        matched_gt = gt_boxes[matches.clamp(min=0)]
+    else:
+        labels = torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device)
+        matched_gt = torch.zeros_like(boxes)
+    labels[matches == BACKGROUND] = 0
+    labels[matches == IGNORED] = -1
+    pos, neg = sample_balanced(labels, cfg.box_batch_size_per_image, cfg.box_positive_fraction)
+    keep = torch.cat((pos, neg))
+    return {"boxes": boxes[keep], "labels": labels[keep], "matched_gt": matched_gt[keep],
+            "gt_index": matches[keep].clamp(min=0)}
+
+
+def box_losses(class_logits: torch.Tensor, box_deltas: torch.Tensor, samples: list[dict],
+               box_coder) -> dict[str, torch.Tensor]:
+    labels = torch.cat([s["labels"] for s in samples])
+    targets = box_coder.encode(torch.cat([s["matched_gt"] for s in samples]),
+                               torch.cat([s["boxes"] for s in samples]))
+    pos = torch.where(labels > 0)[0]
+    per_class = box_deltas.reshape(len(labels), -1, 4)
+    box_loss = F.smooth_l1_loss(per_class[pos, labels[pos]], targets[pos], beta=SMOOTH_L1_BETA, reduction="sum")
+    return {"loss_classifier": F.cross_entropy(class_logits, labels),
+            "loss_box_reg": box_loss / max(labels.numel(), 1)}
+
+
+def mask_loss(mask_logits: torch.Tensor, samples: list[dict], positive: list[torch.Tensor],
+              targets: list[dict]) -> torch.Tensor:
+    """BCE between the predicted mask of the true class and the ground-truth mask cropped to the proposal
+    and resampled to 28x28 (RoIAlign on the full-resolution mask)."""
+    size = mask_logits.shape[-1]
+    crops, labels = [], []
+    for s, p, t in zip(samples, positive, targets):
+        boxes, index = s["boxes"][p], s["gt_index"][p]
+        if len(boxes) == 0:
+            continue
+        rois = torch.cat((index[:, None].to(boxes.dtype), boxes), dim=1)
+        crops.append(roi_align(t["masks"][:, None].to(boxes.dtype), rois, (size, size), 1.0)[:, 0])
+        labels.append(s["labels"][p])
+    if not crops:
+        return mask_logits.sum() * 0
+    labels = torch.cat(labels)
+    logits = mask_logits[torch.arange(len(labels), device=labels.device), labels]
+    return F.binary_cross_entropy_with_logits(logits, torch.cat(crops))

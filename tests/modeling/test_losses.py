@@ -1,0 +1,79 @@
+"""Training-mode losses equal torchvision's on the same weights, images and targets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import maskrcnn
+from conftest import torchvision_reference
+from maskrcnn.modeling.matching import BACKGROUND, IGNORED, match_boxes, sample_balanced
+
+EVERYTHING = 10 ** 9  # a sample size larger than any candidate set: sampling keeps all, so no randomness
+
+
+def make_targets(seed: int, sizes: list[tuple[int, int]], num_classes: int):
+    g = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for n, (h, w) in zip((3, 0, 5), sizes):
+        images.append(torch.rand(3, h, w, generator=g))
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
+        wh = 8 + torch.rand(n, 2, generator=g) * torch.tensor([w * 0.4, h * 0.4])
+        boxes = torch.cat((xy, xy + wh), 1).round()
+        masks = torch.zeros(n, h, w, dtype=torch.uint8)
+        for m, b in zip(masks, boxes.long()):
+            m[b[1]:b[3], b[0]:(b[0] + b[2]) // 2 + 1] = 1  # left half of the box: masks differ from boxes
+        labels = torch.randint(1, num_classes, (n,), generator=g)
+        targets.append({"boxes": boxes, "labels": labels, "masks": masks})
+    return images, targets
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_losses_match_torchvision(version, tmp_path):
+    reference = torchvision_reference(version, num_classes=6)
+    torch.save(reference.state_dict(), tmp_path / "ref.pth")
+    ours = maskrcnn.load(tmp_path / "ref.pth")
+    for model in (reference, ours):
+        model.transform.min_size, model.transform.max_size = (224,), 320
+    reference.rpn.fg_bg_sampler.batch_size_per_image = EVERYTHING
+    reference.roi_heads.fg_bg_sampler.batch_size_per_image = EVERYTHING
+    ours.config.rpn.batch_size_per_image = EVERYTHING
+    ours.config.box_batch_size_per_image = EVERYTHING
+    reference.train()
+    ours.train()
+    images, targets = make_targets(0, [(200, 260), (180, 240), (240, 200)], 6)
+    expected = reference(images, [dict(t) for t in targets])
+    actual = ours(images, [dict(t) for t in targets])
+    assert set(actual) == set(expected)
+    for name, value in expected.items():
+        assert value.item() > 0, name
+        assert torch.allclose(actual[name], value, rtol=1e-4, atol=1e-6), (name, actual[name].item(), value.item())
+    # and gradients flow to every head
+    sum(actual.values()).backward()
+    for name in ("rpn.head.objectness.weight", "box_predictor.class_logits.weight", "mask_predictor.logits.weight",
+                 "fpn.output.0.conv.weight", "backbone.layer4.0.conv1.weight"):
+        assert ours.get_parameter(name).grad.abs().sum() > 0, name
+
+
+def test_matching_by_hand():
+    gt = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]])
+    boxes = torch.tensor([[0.0, 0, 10, 10],     # IoU 1 with gt 0
+                          [0, 0, 10, 20],       # IoU 0.5 with gt 0
+                          [20, 20, 29, 30],     # IoU 0.9 with gt 1
+                          [50, 50, 60, 60],     # nothing
+                          [0, 0, 10, 30]])      # IoU 1/3 with gt 0
+    assert match_boxes(gt, boxes, 0.7, 0.3, False).tolist() == [0, IGNORED, 1, BACKGROUND, IGNORED]
+    # gt 1's best box (IoU .9) is already positive; make a gt whose best box is only ambiguous
+    gt2 = torch.tensor([[0.0, 0, 10, 60]])  # IoUs with the three boxes: 1/3, 0, 1/2
+    assert match_boxes(gt2, boxes[[1, 3, 4]], 0.7, 0.3, False).tolist() == [IGNORED, BACKGROUND, IGNORED]
+    assert match_boxes(gt2, boxes[[1, 3, 4]], 0.7, 0.3, True).tolist() == [IGNORED, BACKGROUND, 0]
+    assert match_boxes(gt[:0], boxes, 0.7, 0.3, True).tolist() == [BACKGROUND] * 5
+
+
+def test_balanced_sampling_caps():
+    labels = torch.tensor([1] * 10 + [0] * 100 + [-1] * 5)
+    pos, neg = sample_balanced(labels, 32, 0.25, torch.Generator().manual_seed(0))
+    assert len(pos) == 8 and len(neg) == 24
+    assert (labels[pos] == 1).all() and (labels[neg] == 0).all() and len(set(pos.tolist())) == 8
+    pos, neg = sample_balanced(labels, 512, 0.25)
+    assert len(pos) == 10 and len(neg) == 100  # fewer candidates than asked: take them all
