@@ -265,12 +265,15 @@ def fetch(name: str, progress: bool = True) -> Path:
 # ---------------------------------------------------------------------------------------------- load
 
 def load(source: str | os.PathLike, *, device: str | torch.device = "cpu", score_thresh: float = 0.05,
-         nms_thresh: float = 0.5, detections_per_img: int = 100) -> MaskRCNN:
+         nms_thresh: float = 0.5, detections_per_img: int = 100, precision: str = "fp32") -> MaskRCNN:
     """A ready-to-use model in eval mode from a checkpoint path or a registered name (see REGISTRY).
 
     Accepts torchvision Mask R-CNN state dicts (v1 or v2 layout, any class count, architecture read off
-    the keys), our safetensors checkpoints and our training checkpoints.
+    the keys), our safetensors checkpoints and our training checkpoints. `precision="bf16"` trades
+    exactness for speed (see MaskRCNN.precision).
     """
+    if precision not in MaskRCNN.PRECISIONS:
+        raise MaskRCNNError(f"precision must be one of {', '.join(MaskRCNN.PRECISIONS)}, got {precision!r}")
     src = str(source)
     if src in REGISTRY:
         path = fetch(src)
@@ -284,6 +287,7 @@ def load(source: str | os.PathLike, *, device: str | torch.device = "cpu", score
     config.score_thresh, config.nms_thresh, config.detections_per_img = score_thresh, nms_thresh, detections_per_img
     model = MaskRCNN(config, class_names, category_ids)
     load_state(model, state, str(path))
+    model.precision = precision
     return model.to(device).eval()
 
 

@@ -141,3 +141,25 @@ def test_model_accepts_any_sizes_and_returns_input_pixels():
         if len(o["boxes"]):
             assert o["boxes"][:, 2].max() <= im.shape[-1] and o["boxes"][:, 3].max() <= im.shape[-2]
             assert 1 <= o["labels"].min() and o["labels"].max() <= 4
+
+
+def test_roi_align_gradient_matches_torchvision():
+    from torchvision.ops import roi_align as reference
+
+    from maskrcnn.modeling.poolers import roi_align
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(2, 8, 20, 24, generator=g)
+    xy = torch.rand(40, 2, generator=g) * 100 - 10  # some boxes poke out of the map
+    boxes = torch.cat((xy, xy + torch.rand(40, 2, generator=g) * 60 + 0.5), 1)
+    boxes[0] = torch.tensor([3.0, 3.0, 3.2, 3.1])  # smaller than one cell: clamped to size 1
+    rois = torch.cat((torch.randint(0, 2, (40, 1), generator=g).float(), boxes), 1)
+    grads = []
+    for fn in (reference, roi_align):
+        x = feats.clone().requires_grad_(True)
+        out = fn(x, rois, 7, 0.25, 2)
+        out.backward(torch.arange(out.numel(), dtype=torch.float32).reshape(out.shape) % 7 - 3)
+        grads.append((out.detach(), x.grad))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert grads[0][1].abs().max() > 0
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5)

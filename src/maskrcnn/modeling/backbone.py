@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import make_norm
+from .layers import conv_norm, make_norm
 
 # depth -> (block kind, blocks per stage)
 RESNET_STAGES = {
@@ -32,9 +32,9 @@ class BasicBlock(nn.Module):
         self.downsample = _shortcut(in_ch, out_ch, stride, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else conv_norm(self.downsample[0], self.downsample[1], x)
+        out = self.relu(conv_norm(self.conv1, self.bn1, x))
+        out = conv_norm(self.conv2, self.bn2, out)
         return self.relu(out + identity)
 
 
@@ -53,10 +53,10 @@ class Bottleneck(nn.Module):
         self.downsample = _shortcut(in_ch, out_ch, stride, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else conv_norm(self.downsample[0], self.downsample[1], x)
+        out = self.relu(conv_norm(self.conv1, self.bn1, x))
+        out = self.relu(conv_norm(self.conv2, self.bn2, out))
+        out = conv_norm(self.conv3, self.bn3, out)
         return self.relu(out + identity)
 
 
@@ -112,7 +112,7 @@ class ResNet(nn.Module):
                     p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x)))
         c2 = self.layer1(x)
         c3 = self.layer2(c2)
         c4 = self.layer3(c3)

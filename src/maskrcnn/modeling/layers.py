@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -38,6 +39,41 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+def conv_norm(conv: nn.Conv2d, norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    """norm(conv(x)), with a fixed-statistics norm folded into the convolution's weights at inference.
+
+    A frozen (or eval-mode) BatchNorm is an affine map per channel, so it can be absorbed into the conv
+    before it: one pass over the activations instead of two. The folded weights are cached and rebuilt
+    whenever the conv or norm tensors change (e.g. after load_state_dict)."""
+    if norm is None:
+        return conv(x)
+    foldable = isinstance(norm, FrozenBatchNorm2d) or (isinstance(norm, nn.BatchNorm2d) and not norm.training
+                                                       and norm.track_running_stats)
+    if not foldable or torch.is_grad_enabled():
+        return norm(conv(x))
+    weight, bias = _folded(conv, norm)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _folded(conv: nn.Conv2d, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    tensors = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in tensors)
+    cached = getattr(norm, "_folded_cache", None)
+    if cached is None or cached[0] != key:
+        if isinstance(norm, FrozenBatchNorm2d):
+            scale, shift = norm.scale_and_shift()
+        else:
+            scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+            shift = norm.bias - norm.running_mean * scale
+        weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+        bias = shift if conv.bias is None else shift + conv.bias * scale
+        weight = weight.contiguous(memory_format=torch.channels_last) if conv.weight.is_contiguous(
+            memory_format=torch.channels_last) and conv.weight.shape[-1] > 1 else weight
+        cached = (key, weight, bias)
+        object.__setattr__(norm, "_folded_cache", cached)  # not a buffer: never saved, never moved by .to()
+    return cached[1], cached[2]
+
+
 NORMS = ("frozen_bn", "bn", "gn", None)
 
 
@@ -54,7 +90,7 @@ def make_norm(kind: str | None, channels: int) -> nn.Module | None:
     raise ValueError(f"unknown normalisation {kind!r}; choose one of {NORMS}")
 
 
-class ConvNormAct(nn.Sequential):
+class ConvNormAct(nn.Module):
     """Convolution, optional normalisation, optional ReLU. The conv has a bias only without a norm."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
@@ -68,3 +104,7 @@ class ConvNormAct(nn.Sequential):
             self.norm = norm_layer
         if relu:
             self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = conv_norm(self.conv, getattr(self, "norm", None), x)
+        return torch.relu_(x) if hasattr(self, "relu") else x

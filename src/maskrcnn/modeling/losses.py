@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
@@ -19,25 +20,49 @@ from .rpn import RPNOutputs
 SMOOTH_L1_BETA = 1.0 / 9
 
 
-def training_losses(model, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
+def training_losses(model, images: list[torch.Tensor], targets: list[dict],
+                    generators: list[torch.Generator] | None = None) -> dict[str, torch.Tensor]:
+    """Losses for a batch. `generators` (one per image) drive the random sampling of anchors and proposals;
+    seeding them from the image's place in the global batch makes a run reproducible and lets N processes
+    with B images each compute exactly what one process with N*B images would (see `_normalise`)."""
     _check_targets(images, targets)
+    generators = generators or [None] * len(images)
     batch, sizes, targets = model.transform(images, targets)
     features = model.features(batch)
     proposals, rpn_out = model.rpn(features, sizes, batch.shape[-2:])
-    losses = rpn_losses(model.rpn, rpn_out, targets)
+    sums = rpn_losses(model.rpn, rpn_out, targets, generators)
 
     cfg = model.config
-    samples = [sample_proposals(p.detach(), t, cfg) for p, t in zip(proposals, targets)]
+    samples = [sample_proposals(p.detach(), t, cfg, g) for p, t, g in zip(proposals, targets, generators)]
     boxes = [s["boxes"] for s in samples]
     pooled = model.box_pooler(features[:4], boxes, sizes)
     class_logits, box_deltas = model.box_predictor(model.box_head(pooled))
-    losses.update(box_losses(class_logits, box_deltas, samples, model.box_coder))
+    sums.update(box_losses(class_logits, box_deltas, samples, model.box_coder))
 
     positive = [s["labels"] > 0 for s in samples]
     pos_boxes = [s["boxes"][p] for s, p in zip(samples, positive)]
     mask_logits = model.mask_predictor(model.mask_head(model.mask_pooler(features[:4], pos_boxes, sizes)))
-    losses["loss_mask"] = mask_loss(mask_logits, samples, positive, targets)
-    return losses
+    sums["loss_mask"] = mask_loss(mask_logits, samples, positive, targets)
+    return _normalise(sums)
+
+
+def _normalise(sums: dict[str, tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+    """Each loss is a sum over samples divided by the number of samples in the *global* batch.
+
+    Under DistributedDataParallel gradients are averaged over the N processes, so each process divides by
+    (global count / N): the result equals the single-process loss on the combined batch, whatever the
+    number of positives each process happened to draw."""
+    names = list(sums)
+    counts = torch.tensor([float(sums[n][1]) for n in names])
+    world = 1
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+        device = sums[names[0]][0].device if dist.get_backend() == "nccl" else torch.device("cpu")
+        counts = counts.to(device)
+        dist.all_reduce(counts)
+        counts = counts.cpu()
+    return {n: sums[n][0] / max(counts[i].item() / world, 1e-12) if counts[i] > 0 else sums[n][0] * 0
+            for i, n in enumerate(names)}
 
 
 def _check_targets(images: list[torch.Tensor], targets: list[dict]) -> None:
@@ -51,7 +76,8 @@ def _check_targets(images: list[torch.Tensor], targets: list[dict]) -> None:
             raise ValueError(f"target {i}: boxes must have positive width and height")
 
 
-def rpn_losses(rpn, out: RPNOutputs, targets: list[dict]) -> dict[str, torch.Tensor]:
+def rpn_losses(rpn, out: RPNOutputs, targets: list[dict],
+               generators: list[torch.Generator | None]) -> dict[str, tuple[torch.Tensor, int]]:
     cfg = rpn.config
     labels, regression = [], []
     for t in targets:
@@ -63,8 +89,8 @@ def rpn_losses(rpn, out: RPNOutputs, targets: list[dict]) -> dict[str, torch.Ten
         gt = t["boxes"][matches.clamp(min=0)] if len(t["boxes"]) else torch.zeros_like(out.anchors)
         regression.append(rpn.box_coder.encode(gt, out.anchors))
     pos, neg = [], []
-    for i, label in enumerate(labels):
-        p, n = sample_balanced(label, cfg.batch_size_per_image, cfg.positive_fraction)
+    for i, (label, generator) in enumerate(zip(labels, generators)):
+        p, n = sample_balanced(label, cfg.batch_size_per_image, cfg.positive_fraction, generator)
         offset = i * len(label)
         pos.append(p + offset)
         neg.append(n + offset)
@@ -74,13 +100,13 @@ def rpn_losses(rpn, out: RPNOutputs, targets: list[dict]) -> dict[str, torch.Ten
     deltas = out.deltas.reshape(-1, 4)
     labels, regression = torch.cat(labels), torch.cat(regression)
     box_loss = F.smooth_l1_loss(deltas[pos], regression[pos], beta=SMOOTH_L1_BETA, reduction="sum")
-    return {
-        "loss_objectness": F.binary_cross_entropy_with_logits(objectness[sampled], labels[sampled]),
-        "loss_rpn_box_reg": box_loss / max(sampled.numel(), 1),
-    }
+    objectness_loss = F.binary_cross_entropy_with_logits(objectness[sampled], labels[sampled], reduction="sum")
+    return {"loss_objectness": (objectness_loss, sampled.numel()),
+            "loss_rpn_box_reg": (box_loss, sampled.numel())}
 
 
-def sample_proposals(proposals: torch.Tensor, target: dict, cfg) -> dict[str, torch.Tensor]:
+def sample_proposals(proposals: torch.Tensor, target: dict, cfg,
+                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Proposals to train the box head on (ground truth added, so every object has a perfect proposal),
     with their class labels, regression targets' source boxes and matched ground-truth index."""
     gt_boxes, gt_labels = target["boxes"], target["labels"]
@@ -95,26 +121,26 @@ def sample_proposals(proposals: torch.Tensor, target: dict, cfg) -> dict[str, to
         matched_gt = torch.zeros_like(boxes)
     labels[matches == BACKGROUND] = 0
     labels[matches == IGNORED] = -1
-    pos, neg = sample_balanced(labels, cfg.box_batch_size_per_image, cfg.box_positive_fraction)
+    pos, neg = sample_balanced(labels, cfg.box_batch_size_per_image, cfg.box_positive_fraction, generator)
     keep = torch.cat((pos, neg))
     return {"boxes": boxes[keep], "labels": labels[keep], "matched_gt": matched_gt[keep],
             "gt_index": matches[keep].clamp(min=0)}
 
 
 def box_losses(class_logits: torch.Tensor, box_deltas: torch.Tensor, samples: list[dict],
-               box_coder) -> dict[str, torch.Tensor]:
+               box_coder) -> dict[str, tuple[torch.Tensor, int]]:
     labels = torch.cat([s["labels"] for s in samples])
     targets = box_coder.encode(torch.cat([s["matched_gt"] for s in samples]),
                                torch.cat([s["boxes"] for s in samples]))
     pos = torch.where(labels > 0)[0]
     per_class = box_deltas.reshape(len(labels), -1, 4)
     box_loss = F.smooth_l1_loss(per_class[pos, labels[pos]], targets[pos], beta=SMOOTH_L1_BETA, reduction="sum")
-    return {"loss_classifier": F.cross_entropy(class_logits, labels),
-            "loss_box_reg": box_loss / max(labels.numel(), 1)}
+    return {"loss_classifier": (F.cross_entropy(class_logits, labels, reduction="sum"), labels.numel()),
+            "loss_box_reg": (box_loss, labels.numel())}
 
 
 def mask_loss(mask_logits: torch.Tensor, samples: list[dict], positive: list[torch.Tensor],
-              targets: list[dict]) -> torch.Tensor:
+              targets: list[dict]) -> tuple[torch.Tensor, int]:
     """BCE between the predicted mask of the true class and the ground-truth mask cropped to the proposal
     and resampled to 28x28 (RoIAlign on the full-resolution mask)."""
     size = mask_logits.shape[-1]
@@ -127,7 +153,8 @@ def mask_loss(mask_logits: torch.Tensor, samples: list[dict], positive: list[tor
         crops.append(roi_align(t["masks"][:, None].to(boxes.dtype), rois, (size, size), 1.0)[:, 0])
         labels.append(s["labels"][p])
     if not crops:
-        return mask_logits.sum() * 0
+        return mask_logits.sum() * 0, 0
     labels = torch.cat(labels)
     logits = mask_logits[torch.arange(len(labels), device=labels.device), labels]
-    return F.binary_cross_entropy_with_logits(logits, torch.cat(crops))
+    loss = F.binary_cross_entropy_with_logits(logits, torch.cat(crops), reduction="sum")
+    return loss, logits.numel()

@@ -103,11 +103,17 @@ def build_model(arch: str = "resnet50_fpn", num_classes: int = 91, **options) ->
 
 
 class MaskRCNN(nn.Module):
+    PRECISIONS = ("fp32", "bf16", "fp16")
+
     def __init__(self, config: ModelConfig, class_names: list[str] | None = None,
                  category_ids: list[int] | None = None):
         super().__init__()
         c = config
         self.config = c
+        # Inference arithmetic: "fp32" reproduces torchvision; "bf16" (CPU or GPU) and "fp16" (GPU) run the
+        # convolutions and matmuls in half width under autocast, while box decoding, NMS and mask pasting
+        # stay in fp32.
+        self.precision = "fp32"
         self.class_names = class_names or ["__background__"] + [f"class_{i}" for i in range(1, c.num_classes)]
         self.category_ids = category_ids or list(range(c.num_classes))
         self.transform = ImageTransform(c.min_size, c.max_size, c.image_mean, c.image_std)
@@ -133,29 +139,38 @@ class MaskRCNN(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
-    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None,
+                generators: list[torch.Generator] | None = None):
         """Eval: list of (3,H,W) float images in [0,1] -> one dict per image with boxes, labels, scores and
-        masks (N,1,H,W probabilities), all in input pixels. Training: images and targets -> dict of losses."""
+        masks (N,1,H,W probabilities), all in input pixels. Training: images and targets (boxes, labels,
+        masks) -> dict of losses; `generators`, one per image, make the sampling reproducible."""
         if self.training:
             if targets is None:
                 raise ValueError("training mode needs targets (call model.eval() for inference)")
             from .losses import training_losses
 
-            return training_losses(self, images, targets)
+            return training_losses(self, images, targets, generators)
         return self.predict(images)
 
     def features(self, batch: torch.Tensor) -> list[torch.Tensor]:
         """P2..P6 for a normalised, padded batch."""
         return self.fpn(self.backbone(batch))
 
+    def _autocast(self, device: torch.device):
+        if self.precision not in self.PRECISIONS:
+            raise ValueError(f"precision must be one of {self.PRECISIONS}, got {self.precision!r}")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
     @torch.no_grad()
     def predict(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         batch, sizes, _ = self.transform(images)
-        features = self.features(batch)
-        proposals, _ = self.rpn(features, sizes, batch.shape[-2:])
-        detections = self.detect_boxes(features[:4], proposals, sizes)
-        self.predict_masks(features[:4], detections, sizes)
+        with self._autocast(batch.device):
+            features = self.features(batch)
+            proposals, _ = self.rpn(features, sizes, batch.shape[-2:])
+            detections = self.detect_boxes(features[:4], proposals, sizes)
+            self.predict_masks(features[:4], detections, sizes)
         return [self.to_input_pixels(d, size, orig) for d, size, orig in zip(detections, sizes, original_sizes)]
 
     def detect_boxes(self, features: list[torch.Tensor], proposals: list[torch.Tensor],
@@ -163,7 +178,7 @@ class MaskRCNN(nn.Module):
         pooled = self.box_pooler(features, proposals, sizes)
         class_logits, box_deltas = self.box_predictor(self.box_head(pooled))
         c = self.config
-        return select_detections(class_logits, box_deltas, proposals, sizes, self.box_coder,
+        return select_detections(class_logits.float(), box_deltas.float(), proposals, sizes, self.box_coder,
                                  score_thresh=c.score_thresh, nms_thresh=c.nms_thresh,
                                  detections_per_img=c.detections_per_img)
 
@@ -177,7 +192,7 @@ class MaskRCNN(nn.Module):
             return
         logits = self.mask_predictor(self.mask_head(self.mask_pooler(features, boxes, sizes)))
         labels = torch.cat([d["labels"] for d in detections])
-        probs = logits[torch.arange(len(labels), device=labels.device), labels].sigmoid()
+        probs = logits[torch.arange(len(labels), device=labels.device), labels].float().sigmoid()
         for d, p in zip(detections, probs.split([len(b) for b in boxes])):
             d["mask_probs"] = p
 

@@ -89,8 +89,8 @@ class RegionProposalNetwork(nn.Module):
         scores, boxes, levels = [], [], []
         for level, (lg, dl, an) in enumerate(zip(logits, deltas, anchors)):
             k = min(pre_n, lg.shape[1])
-            top_scores, idx = lg.detach().topk(k, dim=1)
-            top_deltas = torch.gather(dl.detach(), 1, idx[..., None].expand(-1, -1, 4))
+            top_scores, idx = lg.detach().float().topk(k, dim=1)
+            top_deltas = torch.gather(dl.detach().float(), 1, idx[..., None].expand(-1, -1, 4))
             top_boxes = self.box_coder.decode(top_deltas.reshape(-1, 4), an[idx.reshape(-1)])
             scores.append(top_scores)
             boxes.append(top_boxes.reshape(idx.shape[0], k, 4))

@@ -1,0 +1,207 @@
+"""Our Mask R-CNN vs torchvision's, same weights, same real images, one process, alternating runs.
+
+    python benchmarks/cpu_inference.py                 # inference, fp32 + bf16, 6 COCO val images
+    python benchmarks/cpu_inference.py --train         # also the training step, ours vs torchvision
+
+Prints median seconds per image for each path, the ratio to torchvision, the FLOPs of one forward pass
+(torch.utils.flop_counter) and the achieved GFLOP/s, and how well the detections agree:
+  fp32: one-to-one match (same order, label), max |box|, |score| and |mask prob| differences;
+  bf16: share of torchvision's detections matched (same class, box IoU >= 0.9) and mean mask IoU.
+Machines are noisy, so only ratios measured side by side in one run are meaningful.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.reference import torchvision_reference  # noqa: E402
+
+import maskrcnn  # noqa: E402
+
+DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "coco-mini" / "val2017"
+
+
+def read_rgb(path: Path) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).float() / 255
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - start, out
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    from torchvision.ops import box_iou as iou
+
+    return iou(a, b)
+
+
+def agreement_exact(ref: dict, ours: dict) -> dict:
+    same = len(ref["boxes"]) == len(ours["boxes"]) and torch.equal(ref["labels"], ours["labels"])
+    out = {"same_detections": same, "n": len(ref["boxes"])}
+    if same and len(ref["boxes"]):
+        out["box"] = (ref["boxes"] - ours["boxes"]).abs().max().item()
+        out["score"] = (ref["scores"] - ours["scores"]).abs().max().item()
+        out["mask"] = (ref["masks"] - ours["masks"]).abs().max().item()
+    return out
+
+
+def agreement_matched(ref: dict, ours: dict, iou_thresh: float = 0.9) -> tuple[int, int, list[float]]:
+    """Greedy one-to-one matching in reference score order: same class and box IoU >= iou_thresh."""
+    if len(ref["boxes"]) == 0:
+        return 0, 0, []
+    if len(ours["boxes"]) == 0:
+        return 0, len(ref["boxes"]), []
+    ious = box_iou(ref["boxes"], ours["boxes"])
+    ious[ref["labels"][:, None] != ours["labels"][None, :]] = 0
+    taken = torch.zeros(len(ours["boxes"]), dtype=torch.bool)
+    matched, mask_ious = 0, []
+    for i in range(len(ref["boxes"])):
+        cand = ious[i].clone()
+        cand[taken] = 0
+        j = int(cand.argmax())
+        if cand[j] >= iou_thresh:
+            taken[j] = True
+            matched += 1
+            a, b = ref["masks"][i, 0] > 0.5, ours["masks"][j, 0] > 0.5
+            union = (a | b).sum().item()
+            mask_ious.append((a & b).sum().item() / union if union else 1.0)
+    return matched, len(ref["boxes"]), mask_ious
+
+
+def count_flops(model, image) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model([image])
+    return counter.get_total_flops()
+
+
+def inference(args) -> None:
+    paths = sorted(Path(args.images).glob("*.jpg"))[: args.num_images]
+    if not paths:
+        sys.exit(f"no .jpg images in {args.images}")
+    images = [read_rgb(p) for p in paths]
+    reference = torchvision_reference(args.arch)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(reference.state_dict(), Path(tmp) / "weights.pth")
+        ours = {p: maskrcnn.load(Path(tmp) / "weights.pth", precision=p) for p in args.precisions}
+    runners = {"torchvision fp32": reference, **{f"ours {p}": m for p, m in ours.items()}}
+    times = {name: [] for name in runners}
+    exact, matched_total, ref_total, mask_ious = [], 0, 0, []
+    with torch.no_grad():
+        for name, model in runners.items():  # warm-up (allocations, oneDNN kernel selection)
+            model([images[0]])
+        for image in images:
+            outputs = {}
+            for _ in range(args.repeats):
+                for name, model in runners.items():
+                    seconds, outputs[name] = timed(model, [image])
+                    times[name].append(seconds)
+            ref = outputs["torchvision fp32"][0]
+            if "ours fp32" in outputs:
+                exact.append(agreement_exact(ref, outputs["ours fp32"][0]))
+            if "ours bf16" in outputs:
+                m, n, ious = agreement_matched(ref, outputs["ours bf16"][0])
+                matched_total, ref_total = matched_total + m, ref_total + n
+                mask_ious += ious
+    flops = count_flops(reference, images[0])
+    base = statistics.median(times["torchvision fp32"])
+    print(f"\nCPU inference, arch {args.arch}, {len(images)} COCO val images x {args.repeats} repeats, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"forward FLOPs on {paths[0].name} ({tuple(images[0].shape[1:])}): {flops / 1e9:.0f} GFLOP")
+    print(f"{'path':<18}{'median s/img':>14}{'speed-up':>10}{'GFLOP/s':>10}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:<18}{med:>14.3f}{base / med:>9.2f}x{flops / 1e9 / med:>10.0f}")
+    if exact:
+        same = sum(e["same_detections"] for e in exact)
+        worst = {k: max(e.get(k, 0.0) for e in exact) for k in ("box", "score", "mask")}
+        print(f"fp32 agreement: {same}/{len(exact)} images with identical detections "
+              f"({sum(e['n'] for e in exact)} detections); max |box| {worst['box']:.2e} px, "
+              f"|score| {worst['score']:.2e}, |mask| {worst['mask']:.2e}")
+    if ref_total:
+        print(f"bf16 agreement: {matched_total}/{ref_total} = {100 * matched_total / ref_total:.1f}% of detections "
+              f"matched (same class, box IoU >= 0.9); mean mask IoU {statistics.mean(mask_ious or [0]):.3f}")
+
+
+def training_step(args) -> None:
+    """One SGD step on the same batch and config: torchvision's model vs ours (fp32, and ours in bf16)."""
+    paths = sorted(Path(args.images).glob("*.jpg"))[:2]
+    images = [read_rgb(p) for p in paths]
+    g = torch.Generator().manual_seed(0)
+    targets = []
+    for im in images:
+        h, w = im.shape[-2:]
+        xy = torch.rand(4, 2, generator=g) * torch.tensor([w * 0.5, h * 0.5])
+        boxes = torch.cat((xy, xy + 20 + torch.rand(4, 2, generator=g) * torch.tensor([w * 0.4, h * 0.4])), 1)
+        masks = torch.zeros(4, h, w, dtype=torch.uint8)
+        for m, b in zip(masks, boxes.long()):
+            m[b[1]:b[3], b[0]:b[2]] = 1
+        targets.append({"boxes": boxes, "labels": torch.randint(1, 91, (4,), generator=g), "masks": masks})
+    reference = torchvision_reference(args.arch)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(reference.state_dict(), Path(tmp) / "weights.pth")
+        ours = maskrcnn.load(Path(tmp) / "weights.pth")
+    reference.train()
+    ours.train()
+
+    def step(model, bf16=False):
+        params = [p for p in model.parameters() if p.requires_grad]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            losses = model(images, [dict(t) for t in targets])
+        loss = sum(losses.values())
+        for p in params:
+            p.grad = None
+        loss.backward()
+
+    runners = {"torchvision fp32": lambda: step(reference), "ours fp32": lambda: step(ours),
+               "ours bf16": lambda: step(ours, True)}
+    times = {k: [] for k in runners}
+    for fn in runners.values():
+        fn()
+    for _ in range(args.repeats):
+        for name, fn in runners.items():
+            times[name].append(timed(fn)[0])
+    base = statistics.median(times["torchvision fp32"])
+    print(f"\nTraining step, arch {args.arch}, batch of 2 COCO images at 800 px, {args.repeats} repeats")
+    print(f"{'path':<18}{'median s/step':>14}{'speed-up':>10}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:<18}{med:>14.3f}{base / med:>9.2f}x")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of .jpg images")
+    p.add_argument("--num-images", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--arch", choices=["v1", "v2"], default="v1")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--train", action="store_true", help="also time one training step")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    inference(args)
+    if args.train:
+        training_step(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""One module per `maskrcnn` subcommand (discovered by maskrcnn.cli)."""

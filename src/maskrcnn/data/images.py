@@ -1,0 +1,157 @@
+"""Reading images of every common kind into one predictable form.
+
+Everything downstream expects HxWx3 RGB, so this module is the one place that knows about EXIF
+rotation, grayscale, palettes, alpha and 16-bit files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from maskrcnn.errors import MaskRCNNError
+
+# PIL modes whose pixels are 16-bit integers; np.asarray gives their true values as uint16/int32.
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as HxWx3 RGB: uint8 for 8-bit files, uint16 (true values) for 16-bit files.
+
+    EXIF orientation is applied so the pixels match what photo viewers (and annotation tools) show.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as pil_image:
+            if _is_16bit_colour(pil_image):
+                # PIL silently truncates 16-bit colour to 8 bits; OpenCV keeps the full range.
+                orientation = pil_image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+                return _read_16bit_colour(path, orientation)
+            pil_image.load()
+            pil_image = ImageOps.exif_transpose(pil_image)
+            return pil_to_rgb_array(pil_image)
+    except MaskRCNNError:
+        raise
+    except FileNotFoundError:
+        raise MaskRCNNError(f"{path}: cannot read image: file not found") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise MaskRCNNError(f"{path}: cannot read image: {error}") from None
+
+
+def pil_to_rgb_array(pil_image: Image.Image) -> np.ndarray:
+    """Convert a PIL image of any mode to HxWx3, keeping 16-bit grayscale values as uint16."""
+    mode = pil_image.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        gray = np.asarray(pil_image)
+        # Mode "I" is 32-bit signed; 16-bit files land there on some Pillow versions.
+        gray = np.clip(gray, 0, 65535).astype(np.uint16)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "F":
+        gray = np.asarray(pil_image, dtype=np.float32)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode != "RGB":
+        # Covers L, LA, P, PA, RGBA, CMYK, YCbCr, 1 ...: alpha is dropped, palettes expanded.
+        pil_image = pil_image.convert("RGB")
+    return np.array(pil_image, dtype=np.uint8)
+
+
+def _is_16bit_colour(pil_image: Image.Image) -> bool:
+    if pil_image.mode not in ("RGB", "RGBA"):
+        return False
+    for tile in pil_image.tile:
+        rawmode = tile.args if isinstance(tile.args, str) else (tile.args[0] if tile.args else "")
+        if isinstance(rawmode, str) and ";16" in rawmode:
+            return True
+    return False
+
+
+def _read_16bit_colour(path: Path, orientation: int) -> np.ndarray:
+    import cv2
+
+    pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
+        raise MaskRCNNError(f"{path}: cannot read image: unsupported 16-bit colour layout")
+    rgb = np.ascontiguousarray(pixels[:, :, 2::-1])  # BGR(A) -> RGB
+    return np.ascontiguousarray(_apply_exif_orientation(rgb, orientation))
+
+
+def _apply_exif_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Numpy version of ImageOps.exif_transpose, for arrays that did not come through PIL."""
+    if orientation == 2:
+        return pixels[:, ::-1]
+    if orientation == 3:
+        return pixels[::-1, ::-1]
+    if orientation == 4:
+        return pixels[::-1]
+    if orientation == 5:
+        return pixels.transpose(1, 0, 2)
+    if orientation == 6:
+        return np.rot90(pixels, k=-1)
+    if orientation == 7:
+        return pixels[::-1, ::-1].transpose(1, 0, 2)
+    if orientation == 8:
+        return np.rot90(pixels, k=1)
+    return pixels
+
+
+def to_float_tensor(image) -> torch.Tensor:
+    """Turn any supported image into a (3,H,W) float32 tensor in [0,1], the model's input form.
+
+    Accepts a numpy array (HxW, HxWx1/3/4), a PIL image, or a (C,H,W) torch tensor (C in 1/3/4).
+    Integer pixels are divided by their type's full range; float numpy pixels are taken as already in
+    [0,1] unless their maximum exceeds 1, in which case they are assumed to be 0..255.
+    """
+    if isinstance(image, Image.Image):
+        image = pil_to_rgb_array(image)
+    if isinstance(image, np.ndarray):
+        return _numpy_to_float_tensor(image)
+    if isinstance(image, torch.Tensor):
+        return _tensor_to_float_tensor(image)
+    raise ValueError(f"unsupported image type {type(image).__name__}; expected numpy array, PIL image or tensor")
+
+
+def _numpy_to_float_tensor(pixels: np.ndarray) -> torch.Tensor:
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if pixels.ndim != 3 or pixels.shape[2] not in (1, 3, 4):
+        raise ValueError(f"unsupported image shape {tuple(pixels.shape)}; expected HxW or HxWx1/3/4")
+    if pixels.shape[2] == 4:
+        pixels = pixels[:, :, :3]
+    elif pixels.shape[2] == 1:
+        pixels = np.repeat(pixels, 3, axis=2)
+
+    if pixels.dtype == np.uint8:
+        scaled = pixels.astype(np.float32) / 255.0
+    elif pixels.dtype == np.uint16:
+        scaled = pixels.astype(np.float32) / 65535.0
+    elif pixels.dtype == np.bool_:
+        scaled = pixels.astype(np.float32)
+    elif np.issubdtype(pixels.dtype, np.floating):
+        scaled = pixels.astype(np.float32)
+        if scaled.size and float(scaled.max()) > 1.0:
+            scaled = scaled / 255.0
+    else:
+        raise ValueError(f"unsupported image dtype {pixels.dtype}; expected uint8, uint16, bool or float")
+    return torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))
+
+
+def _tensor_to_float_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.ndim != 3 or tensor.shape[0] not in (1, 3, 4):
+        raise ValueError(f"unsupported tensor shape {tuple(tensor.shape)}; expected (C,H,W) with C in 1/3/4")
+    if tensor.shape[0] == 4:
+        tensor = tensor[:3]
+    elif tensor.shape[0] == 1:
+        tensor = tensor.expand(3, -1, -1)
+    if tensor.dtype == torch.uint8:
+        return tensor.float() / 255.0
+    if tensor.dtype == torch.uint16:
+        return tensor.float() / 65535.0
+    if tensor.dtype == torch.bool:
+        return tensor.float()
+    if tensor.is_floating_point():
+        return tensor.float()
+    raise ValueError(f"unsupported tensor dtype {tensor.dtype}; expected uint8, uint16, bool or float")
