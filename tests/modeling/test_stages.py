@@ -163,3 +163,27 @@ def test_roi_align_gradient_matches_torchvision():
     assert torch.equal(grads[0][0], grads[1][0])
     assert grads[0][1].abs().max() > 0
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
+
+
+def test_folded_norms_give_the_same_features():
+    from maskrcnn.modeling.layers import folded_norms
+
+    torch.manual_seed(0)
+    net = ResNet(50, norm="frozen_bn").eval()
+    for m in net.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.uniform_(0.5, 1.5)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        plain = net(x)
+        with folded_norms():
+            folded = net(x)
+            net.layer1[0].bn1.running_var.mul_(2)  # changed statistics must rebuild the folded weights
+            refolded = net(x)
+        changed = net(x)
+    for a, b in zip(plain, folded):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+    assert not torch.allclose(folded[0], refolded[0])
+    assert torch.allclose(changed[0], refolded[0], rtol=1e-4, atol=1e-4 * changed[0].abs().max().item())

@@ -16,6 +16,7 @@ from .backbone import ResNet
 from .box_head import BoxPredictor, ConvFCBoxHead, MLPBoxHead
 from .boxes import BoxCoder
 from .fpn import FPN
+from .layers import folded_norms
 from .mask_head import MaskHead, MaskPredictor
 from .poolers import MultiLevelRoIAlign
 from .postprocess import paste_masks, select_detections
@@ -166,7 +167,7 @@ class MaskRCNN(nn.Module):
     def predict(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         batch, sizes, _ = self.transform(images)
-        with self._autocast(batch.device):
+        with self._autocast(batch.device), folded_norms(self.precision != "fp32"):
             features = self.features(batch)
             proposals, _ = self.rpn(features, sizes, batch.shape[-2:])
             detections = self.detect_boxes(features[:4], proposals, sizes)
