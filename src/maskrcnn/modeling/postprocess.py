@@ -13,7 +13,8 @@ def select_detections(class_logits: torch.Tensor, box_deltas: torch.Tensor, prop
                       image_sizes: list[tuple[int, int]], box_coder: BoxCoder, *, score_thresh: float,
                       nms_thresh: float, detections_per_img: int) -> list[dict[str, torch.Tensor]]:
     """Every (proposal, foreground class) pair is a candidate detection; keep those above `score_thresh`,
-    suppress overlaps within each class, and keep the `detections_per_img` best."""
+    suppress overlaps within each class, and keep the `detections_per_img` best. Each detection also
+    records the index of the proposal it was refined from (`proposal_index`)."""
     num_classes = class_logits.shape[-1]
     counts = [len(p) for p in proposals]
     boxes_all = box_coder.decode(box_deltas, torch.cat(proposals)).split(counts)
@@ -22,13 +23,15 @@ def select_detections(class_logits: torch.Tensor, box_deltas: torch.Tensor, prop
     for boxes, scores, size in zip(boxes_all, scores_all, image_sizes):
         boxes = clip_boxes(boxes, size)[:, 1:].reshape(-1, 4)  # drop the background class
         labels = torch.arange(1, num_classes, device=scores.device).repeat(len(scores))
+        source = torch.arange(len(scores), device=scores.device).repeat_interleave(num_classes - 1)
         scores = scores[:, 1:].reshape(-1)
         keep = torch.where(scores > score_thresh)[0]
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        boxes, scores, labels, source = boxes[keep], scores[keep], labels[keep], source[keep]
         keep = nonempty(boxes, 1e-2)
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        boxes, scores, labels, source = boxes[keep], scores[keep], labels[keep], source[keep]
         keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
-        results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep],
+                        "proposal_index": source[keep]})
     return results
 
 

@@ -79,13 +79,17 @@ class RegionProposalNetwork(nn.Module):
     @torch.no_grad()
     def select_proposals(self, logits: list[torch.Tensor], deltas: list[torch.Tensor],
                          anchors: list[torch.Tensor], image_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """Top-k anchors per level by objectness, decoded, clipped, then NMS per level per image.
+        """Top-k anchors per level by objectness, decoded, clipped, then NMS per level per image."""
+        boxes, scores, levels = self.candidates(logits, deltas, anchors)
+        return [self.suppress(b, s, levels, size)[0] for b, s, size in zip(boxes, scores, image_sizes)]
 
-        Decoding only the top-k (not all ~250k anchors) gives the same boxes for a fraction of the work.
-        """
-        cfg = self.config
-        pre_n = cfg.pre_nms_top_n_train if self.training else cfg.pre_nms_top_n_test
-        post_n = cfg.post_nms_top_n_train if self.training else cfg.post_nms_top_n_test
+    @torch.no_grad()
+    def candidates(self, logits: list[torch.Tensor], deltas: list[torch.Tensor], anchors: list[torch.Tensor]):
+        """The pre-NMS proposals: (N, K, 4) boxes, (N, K) objectness probabilities, (K,) FPN level of each.
+
+        Decoding only the top-k anchors per level (not all ~250k) gives the same boxes for a fraction of
+        the work."""
+        pre_n = self.config.pre_nms_top_n_train if self.training else self.config.pre_nms_top_n_test
         scores, boxes, levels = [], [], []
         for level, (lg, dl, an) in enumerate(zip(logits, deltas, anchors)):
             k = min(pre_n, lg.shape[1])
@@ -95,17 +99,19 @@ class RegionProposalNetwork(nn.Module):
             scores.append(top_scores)
             boxes.append(top_boxes.reshape(idx.shape[0], k, 4))
             levels.append(torch.full((k,), level, dtype=torch.int64, device=lg.device))
-        scores = torch.sigmoid(torch.cat(scores, dim=1))
-        boxes = torch.cat(boxes, dim=1)
-        levels = torch.cat(levels)
-        proposals = []
-        for img_boxes, img_scores, size in zip(boxes, scores, image_sizes):
-            img_boxes = clip_boxes(img_boxes, size)
-            keep = nonempty(img_boxes, cfg.min_size)
-            img_boxes, img_scores, img_levels = img_boxes[keep], img_scores[keep], levels[keep]
-            if cfg.score_thresh > 0:
-                keep = torch.where(img_scores >= cfg.score_thresh)[0]
-                img_boxes, img_scores, img_levels = img_boxes[keep], img_scores[keep], img_levels[keep]
-            keep = batched_nms(img_boxes, img_scores, img_levels, cfg.nms_thresh)[:post_n]
-            proposals.append(img_boxes[keep])
-        return proposals
+        return torch.cat(boxes, dim=1), torch.sigmoid(torch.cat(scores, dim=1)), torch.cat(levels)
+
+    @torch.no_grad()
+    def suppress(self, boxes: torch.Tensor, scores: torch.Tensor, levels: torch.Tensor,
+                 image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image's candidates -> its proposals (clipped, tiny boxes dropped, NMS within each level)."""
+        cfg = self.config
+        post_n = cfg.post_nms_top_n_train if self.training else cfg.post_nms_top_n_test
+        boxes = clip_boxes(boxes, image_size)
+        keep = nonempty(boxes, cfg.min_size)
+        boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
+        if cfg.score_thresh > 0:
+            keep = torch.where(scores >= cfg.score_thresh)[0]
+            boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
+        keep = batched_nms(boxes, scores, levels, cfg.nms_thresh)[:post_n]
+        return boxes[keep], scores[keep]
