@@ -2,7 +2,8 @@
 
 from .errors import MaskRCNNError
 from .modeling.model import ARCHS, MaskRCNN, ModelConfig, build_model
+from .predictor import Predictor
 from .weights import load, save_checkpoint
 
 __version__ = "0.1.0"
-__all__ = ["ARCHS", "MaskRCNN", "MaskRCNNError", "ModelConfig", "build_model", "load", "save_checkpoint"]
+__all__ = ["ARCHS", "MaskRCNN", "MaskRCNNError", "ModelConfig", "Predictor", "build_model", "load", "save_checkpoint"]

@@ -1,0 +1,222 @@
+"""`Predictor`: images of any common kind in, `Detections` out.
+
+The model itself wants a list of (3,H,W) float tensors on its device; this class is the thin layer that
+gets any path, PIL image, numpy array or tensor into that form, batches them, and turns the raw
+output into numpy `Detections` with boolean masks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+
+import torch
+
+from .data.images import read_image, to_float_tensor
+from .errors import MaskRCNNError
+from .modeling.model import MaskRCNN
+
+if TYPE_CHECKING:
+    from .results import Detections
+
+
+class Predictor:
+    """Run a Mask R-CNN on images.
+
+        predictor = Predictor("model.safetensors", score_thresh=0.5)
+        dets = predictor("street.jpg")              # one image -> Detections
+        many = predictor([array, pil_image, path])  # a list -> list of Detections, batch_size at a time
+
+    `weights_or_model` is anything `maskrcnn.load` accepts (checkpoint path or registered name) or an
+    already built `MaskRCNN`. `device=None` means "cpu" for a checkpoint and the model's own device
+    for a model (so passing a model never moves it); "auto" picks CUDA when present.
+    Any model runs in eval mode during our calls and gets its own mode back afterwards.
+    `score_thresh`, `max_detections` and `precision` ("fp32", "bf16", "fp16"; None keeps the model's)
+    are applied only during our calls, so a model handed in is left as it was.
+    """
+
+    def __init__(self, weights_or_model, *, device: str | torch.device | None = None,
+                 score_thresh: float | None = None, mask_threshold: float = 0.5, batch_size: int = 1,
+                 max_detections: int | None = None, precision: str | None = None):
+        if batch_size < 1:
+            raise MaskRCNNError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= mask_threshold <= 1.0:
+            raise MaskRCNNError(f"mask_threshold must be in [0, 1], got {mask_threshold}")
+        if score_thresh is not None and not 0.0 <= score_thresh <= 1.0:
+            raise MaskRCNNError(f"score_thresh must be in [0, 1], got {score_thresh}")
+        if max_detections is not None and max_detections < 1:
+            raise MaskRCNNError(f"max_detections must be >= 1, got {max_detections}")
+        if isinstance(weights_or_model, MaskRCNN):
+            self.model = weights_or_model
+            if device is not None:
+                self.model.to(_resolve_device(device))
+        elif isinstance(weights_or_model, torch.nn.Module):
+            raise MaskRCNNError(f"expected a maskrcnn MaskRCNN model, got {type(weights_or_model).__name__}; "
+                                "convert torchvision models by saving their state_dict and loading that file")
+        else:
+            from .weights import load
+
+            self.model = load(weights_or_model, device=_resolve_device(device or "cpu"),
+                              precision=precision or "fp32")
+        self.score_thresh = score_thresh
+        self.max_detections = max_detections
+        self.precision = precision
+        self.mask_threshold = mask_threshold
+        self.batch_size = batch_size
+
+    # ------------------------------------------------------------------------------------------ basics
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.model.class_names)
+
+    def __call__(self, images):
+        """One image -> `Detections`; a list or tuple of images (or an (N,C,H,W) tensor) -> list of
+        `Detections`."""
+        if isinstance(images, (list, tuple)):
+            return self.predict_batch(images)
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            return self.predict_batch(list(images))
+        return self.predict_batch([images])[0]
+
+    def predict_batch(self, images: Sequence) -> list[Detections]:
+        """A list of images, run `batch_size` at a time; read errors raise (see predict_files to skip)."""
+        results: list[Detections] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            tensors, names = zip(*(self._prepare(x) for x in chunk)) if chunk else ((), ())
+            results.extend(self._run(list(tensors), list(names)))
+        return results
+
+    # ------------------------------------------------------------------------------------------ files
+
+    def predict_files(self, paths: Iterable[str | os.PathLike], progress: bool = True,
+                      with_images: bool = False) -> Iterator[tuple]:
+        """Yield `(path, Detections)` per file in order, or `(path, exception)` for one that cannot be read,
+        so that one bad file never loses the others. `with_images=True` yields `(path, image, result)`
+        with the decoded HxWx3 image (None on failure), which is what drawing overlays needs."""
+        paths = list(paths)
+        bar = _progress_bar(len(paths), "image", enabled=progress)
+        pending: list[tuple] = []  # (path, image, tensor) waiting for a full batch
+
+        def flush():
+            if not pending:
+                return
+            batch = list(pending)
+            pending.clear()
+            try:
+                outputs = self._run([t for _, _, t in batch], [str(p) for p, _, _ in batch])
+            except (MaskRCNNError, torch.OutOfMemoryError) as error:  # e.g. an image too large for the GPU
+                outputs = [_as_user_error(p, error) for p, _, _ in batch]
+            for (path, image, _), result in zip(batch, outputs):
+                bar.update(1)
+                yield (path, image, result) if with_images else (path, result)
+
+        try:
+            for path in paths:
+                try:
+                    image = read_image(path)
+                    tensor = to_float_tensor(image)
+                except (MaskRCNNError, ValueError) as error:
+                    yield from flush()  # keep the output in input order
+                    bar.update(1)
+                    error = _as_user_error(path, error)
+                    yield (path, None, error) if with_images else (path, error)
+                    continue
+                pending.append((path, image, tensor))
+                if len(pending) >= self.batch_size:
+                    yield from flush()
+            yield from flush()
+        finally:
+            bar.close()
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    def _prepare(self, image) -> tuple[torch.Tensor, str | None]:
+        """Any accepted input -> ((3,H,W) float tensor in [0,1], file name or None)."""
+        if isinstance(image, (str, os.PathLike)):
+            return to_float_tensor(read_image(image)), str(image)
+        try:
+            return to_float_tensor(image), None
+        except ValueError as error:
+            raise MaskRCNNError(str(error)) from None
+
+    def _run(self, tensors: list[torch.Tensor], names: list[str | None]) -> list[Detections]:
+        from .results import Detections  # here, not at the top: `import maskrcnn` stays light
+
+        if not tensors:
+            return []
+        device = self.device
+        with torch.inference_mode(), self._settings_applied():
+            outputs = self.model([t.to(device) for t in tensors])
+        return [
+            Detections.from_model_output({k: v.cpu() for k, v in out.items()}, self.model.class_names,
+                                         self.model.category_ids, mask_threshold=self.mask_threshold,
+                                         file_name=name)
+            for out, name in zip(outputs, names)
+        ]
+
+    @contextlib.contextmanager
+    def _settings_applied(self):
+        """Eval mode and our settings for the duration of a call only, so a model the caller handed us
+        (and may use elsewhere) is left as we found it."""
+        config = self.model.config
+        previous = (config.score_thresh, config.detections_per_img, self.model.precision)
+        was_training = self.model.training
+        self.model.eval()
+        if self.precision is not None:
+            self.model.precision = self.precision
+        if self.score_thresh is not None:
+            config.score_thresh = self.score_thresh
+        if self.max_detections is not None:
+            config.detections_per_img = self.max_detections
+        try:
+            yield
+        finally:
+            config.score_thresh, config.detections_per_img, self.model.precision = previous
+            self.model.train(was_training)
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise MaskRCNNError(f"invalid device {device!r} ({error})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise MaskRCNNError(f"device {device!r} requested but CUDA is not available (use --device cpu)")
+    return resolved
+
+
+def _as_user_error(path, error: Exception) -> MaskRCNNError:
+    """A one-line error that names the file (read_image's errors already do)."""
+    if isinstance(error, MaskRCNNError) and str(path) in str(error):
+        return error
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return MaskRCNNError(f"{path}: {first_line}")
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int | None, unit: str, enabled: bool = True, desc: str | None = None):
+    """tqdm on stderr, or a do-nothing stand-in, so callers never branch on `progress`."""
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True)
+
+
+__all__ = ["Predictor"]

@@ -1,0 +1,149 @@
+"""Predictor: every accepted input kind gives the same Detections, in the image's own pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import maskrcnn
+from maskrcnn import Predictor
+from maskrcnn.errors import MaskRCNNError
+from maskrcnn.results import Detections
+
+
+def tiny_model() -> maskrcnn.MaskRCNN:
+    """A small random model whose class scores are scaled up so that it detects things (with no
+    pretrained weights offline, detections are arbitrary but deterministic)."""
+    torch.manual_seed(0)
+    model = maskrcnn.build_model("resnet18_fpn", num_classes=4, min_size=128, max_size=192, fpn_channels=64,
+                                 mask_head_channels=64, box_head_hidden=256,
+                                 rpn=dict(pre_nms_top_n_test=200, post_nms_top_n_test=100))
+    with torch.no_grad():
+        model.box_predictor.class_logits.weight.mul_(50)
+    model.class_names = ["__background__", "cat", "dog", "bird"]
+    model.category_ids = [0, 17, 18, 16]
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def predictor(model):
+    return Predictor(model, max_detections=8)
+
+
+@pytest.fixture(scope="module")
+def image(val_images) -> np.ndarray:
+    """A real photo, shrunk so each forward pass is quick."""
+    with Image.open(val_images[0]) as im:
+        return np.asarray(im.convert("RGB").resize((240, 160), Image.BILINEAR)).copy()
+
+
+def assert_same(a: Detections, b: Detections) -> None:
+    assert len(a) == len(b) > 0
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+    assert (a.masks != b.masks).mean() < 1e-3
+
+
+def test_all_input_kinds_agree(predictor, image, tmp_path):
+    path = tmp_path / "photo.png"
+    Image.fromarray(image).save(path)
+    reference = predictor(image)
+    assert isinstance(reference, Detections) and len(reference) > 0
+    assert reference.masks.dtype == bool and reference.masks.shape[1:] == image.shape[:2]
+    assert tuple(reference.image_size) == image.shape[:2]
+
+    rgba = np.concatenate([image, np.full(image.shape[:2] + (1,), 255, np.uint8)], axis=2)
+    chw = torch.from_numpy(image).permute(2, 0, 1)
+    kinds = [path, Image.fromarray(image), image.astype(np.float32) / 255, chw.float() / 255,
+             chw.contiguous(), rgba]
+    # One batched call for all of them (same size, so no padding differences): also exercises lists.
+    results = Predictor(predictor.model, max_detections=8, batch_size=len(kinds))(kinds)
+    assert len(results) == len(kinds) and results[0].file_name == str(path)
+    for result in results:
+        assert_same(reference, result)
+
+
+def test_grayscale_uint16_matches_8bit(predictor, image):
+    gray = image.mean(axis=2)
+    gray8 = ((gray - gray.min()) / (gray.max() - gray.min()) * 255).round().astype(np.uint8)
+    gray16 = gray8.astype(np.uint16) * 257  # 255 * 257 == 65535: the same intensities at 16 bits
+    assert gray16.max() > 60000
+    a, b = predictor(gray8), predictor(gray16)
+    assert a.masks.shape[1:] == gray16.shape
+    assert_same(a, b)
+    mask_like = predictor(gray8 > 128)
+    assert mask_like.masks.shape[1:] == gray8.shape
+
+
+def test_list_is_batched_and_keeps_order(model, image):
+    flipped = np.ascontiguousarray(image[:, ::-1])
+    single = Predictor(model, max_detections=8)
+    batched = Predictor(model, max_detections=8, batch_size=2)
+    one_by_one = [single(x) for x in (image, flipped)]
+    together = batched((image, flipped))
+    assert isinstance(together, list) and len(together) == 2
+    for a, b in zip(one_by_one, together):
+        assert len(a) == len(b)
+        np.testing.assert_allclose(a.boxes, b.boxes, atol=0.5)
+    assert single([]) == []
+    nchw = torch.from_numpy(np.stack([image, flipped])).permute(0, 3, 1, 2)
+    assert [len(d) for d in batched(nchw)] == [len(d) for d in together]
+
+
+def test_no_detections_is_empty_with_image_sized_masks(model, image):
+    nothing = Predictor(model, score_thresh=1.0)(image)
+    assert len(nothing) == 0
+    assert nothing.boxes.shape == (0, 4) and nothing.masks.shape == (0, *image.shape[:2])
+    assert nothing.to_coco() == []
+
+
+def test_given_model_is_left_as_it_was(model, image):
+    model.train()
+    before = (model.config.score_thresh, model.config.detections_per_img)
+    Predictor(model, score_thresh=0.9, max_detections=3)(image)
+    assert model.training and (model.config.score_thresh, model.config.detections_per_img) == before
+    model.eval()
+
+
+def test_loads_checkpoint_and_respects_settings(model, image, tmp_path):
+    maskrcnn.save_checkpoint(model, tmp_path / "tiny.safetensors")
+    predictor = Predictor(tmp_path / "tiny.safetensors", score_thresh=0.3, max_detections=5, mask_threshold=0.7)
+    dets = predictor(image)
+    assert 0 < len(dets) <= 5 and (dets.scores > 0.3).all()
+    assert predictor.class_names == model.class_names and dets.names[0] in model.class_names
+    looser = Predictor(model, score_thresh=0.3, max_detections=5, mask_threshold=0.3)(image)
+    assert looser.masks.sum() >= dets.masks.sum()  # a lower mask threshold never shrinks masks
+
+
+def test_predict_files_survives_a_bad_file(predictor, image, tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(image).save(good)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not really a jpeg")
+    missing = tmp_path / "missing.png"
+    results = list(Predictor(predictor.model, max_detections=4, batch_size=2)
+                   .predict_files([good, bad, good, missing], progress=False))
+    assert [p for p, _ in results] == [good, bad, good, missing]
+    assert isinstance(results[0][1], Detections) and results[0][1].file_name == str(good)
+    assert isinstance(results[1][1], MaskRCNNError) and "bad.jpg" in str(results[1][1])
+    assert isinstance(results[2][1], Detections) and isinstance(results[3][1], MaskRCNNError)
+    assert "\n" not in str(results[1][1])
+
+
+def test_bad_arguments_are_user_errors(model):
+    with pytest.raises(MaskRCNNError):
+        Predictor(model, batch_size=0)
+    with pytest.raises(MaskRCNNError):
+        Predictor(model, score_thresh=1.5)
+    with pytest.raises(MaskRCNNError):
+        Predictor(model)(np.zeros((4, 4, 5), np.uint8))
+    with pytest.raises(MaskRCNNError):
+        Predictor(torch.nn.Linear(2, 2))
