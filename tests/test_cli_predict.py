@@ -21,6 +21,7 @@ from pycocotools import mask as mask_utils
 
 import maskrcnn
 from maskrcnn.cli import main
+from conftest import tiny_model
 from maskrcnn.commands.predict import InputItem, _output_files, assign_output_names, expand_inputs
 
 # pycocotools' decode trips a numpy 2 deprecation inside its own code; nothing to fix on our side.
@@ -32,15 +33,8 @@ FIELDS = {"file_name", "category_id", "category_name", "bbox", "score", "segment
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
-    """A small random model that detects (arbitrary) things quickly; see tests/test_predictor.py."""
-    torch.manual_seed(0)
-    model = maskrcnn.build_model("resnet18_fpn", num_classes=4, min_size=128, max_size=192, fpn_channels=64,
-                                 mask_head_channels=64, box_head_hidden=256,
-                                 rpn=dict(pre_nms_top_n_test=200, post_nms_top_n_test=100))
-    with torch.no_grad():
-        model.box_predictor.class_logits.weight.mul_(50)
-    model.class_names = ["__background__", "cat", "dog", "bird"]
-    model.category_ids = [0, 17, 18, 16]
+    """A small random model that detects (arbitrary) things quickly (conftest.tiny_model)."""
+    model = tiny_model()
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
     maskrcnn.save_checkpoint(model, path)
     return path

@@ -11,20 +11,7 @@ import maskrcnn
 from maskrcnn import Predictor
 from maskrcnn.errors import MaskRCNNError
 from maskrcnn.results import Detections
-
-
-def tiny_model() -> maskrcnn.MaskRCNN:
-    """A small random model whose class scores are scaled up so that it detects things (with no
-    pretrained weights offline, detections are arbitrary but deterministic)."""
-    torch.manual_seed(0)
-    model = maskrcnn.build_model("resnet18_fpn", num_classes=4, min_size=128, max_size=192, fpn_channels=64,
-                                 mask_head_channels=64, box_head_hidden=256,
-                                 rpn=dict(pre_nms_top_n_test=200, post_nms_top_n_test=100))
-    with torch.no_grad():
-        model.box_predictor.class_logits.weight.mul_(50)
-    model.class_names = ["__background__", "cat", "dog", "bird"]
-    model.category_ids = [0, 17, 18, 16]
-    return model.eval()
+from conftest import tiny_model
 
 
 @pytest.fixture(scope="module")
