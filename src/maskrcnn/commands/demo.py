@@ -1,0 +1,174 @@
+"""maskrcnn demo: the whole job offline in about ten minutes on a laptop CPU.
+
+synthetic dataset -> training (sized to the time budget) -> COCO evaluation -> predictions on held-out
+images -> DIR/report.html. Each step's result stays in DIR; a second run reuses what is done.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from pathlib import Path
+
+NAME = "demo"
+HELP = "run the whole job offline (shapes data -> train -> evaluate -> predict) and write report.html"
+ORDER = 0
+
+NUM_TRAIN, NUM_VAL, NUM_OVERLAYS = 400, 60, 12
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--minutes", type=float, default=10.0,
+                   help="rough time budget for the whole demo on this machine (default 10)")
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default: fit the time budget)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    p.add_argument("--fresh", action="store_true", help="redo every step instead of reusing earlier results")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def run(args) -> int:
+    import shutil
+
+    import torch
+
+    from ..data.synthetic import make_shapes
+    from ..engine.evaluate import coco_evaluate, format_metrics_table, predict_dataset, write_metrics
+    from ..engine.report import write_report
+    from ..engine.train import TrainConfig, train
+    from ..errors import MaskRCNNError
+
+    if args.minutes <= 0:
+        raise MaskRCNNError("--minutes must be positive")
+    started = time.time()
+    out = Path(args.out)
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    data, run_dir, eval_dir, pred_dir = out / "data", out / "run", out / "eval", out / "predictions"
+    progress = not args.no_progress
+
+    # 1. data
+    train_json, val_json = data / "annotations" / "instances_train.json", data / "annotations" / "instances_val.json"
+    if train_json.is_file() and val_json.is_file():
+        _say(f"1/5 dataset: reusing {data}")
+    else:
+        _say(f"1/5 dataset: writing {NUM_TRAIN} train + {NUM_VAL} val synthetic images to {data}")
+        make_shapes(data, num_train=NUM_TRAIN, num_val=NUM_VAL, seed=0, progress=progress)
+
+    # 2. training
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
+    config = TrainConfig(train_annotations=str(train_json), train_images=str(data / "train"),
+                         val_annotations=str(val_json), val_images=str(data / "val"), out=str(run_dir),
+                         device=device, bf16=device == "cpu", amp=device.startswith("cuda"),
+                         eval_every=None, checkpoint_every=100)
+    finished = run_dir / "model.safetensors"
+    if finished.is_file():
+        _say(f"2/5 training: reusing the finished run in {run_dir}")
+        iters = json.loads((run_dir / "demo.json").read_text())["iters"] if (run_dir / "demo.json").is_file() else None
+    else:
+        resume = (run_dir / "last.pt").is_file()
+        if resume and (run_dir / "demo.json").is_file():
+            iters = json.loads((run_dir / "demo.json").read_text())["iters"]
+        else:
+            iters = args.iters or _iterations_for_budget(config, args.minutes * 60 - (time.time() - started))
+        config.iters, config.epochs = iters, None
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "demo.json").write_text(json.dumps({"iters": iters}))
+        _say(f"2/5 training: {config.arch} from scratch, {iters} iterations of {config.batch_size} images on "
+             f"{device}{' (resuming)' if resume else ''}")
+        train(config, resume=resume, progress=progress)
+
+    # 3. evaluation
+    from ..data.coco import CocoDataset
+    from ..predictor import Predictor
+    from ..weights import load
+
+    model = load(finished, device=device)
+    val_set = CocoDataset(val_json, data / "val")
+    metrics_path = eval_dir / "metrics.json"
+    if metrics_path.is_file() and not args.fresh and metrics_path.stat().st_mtime >= finished.stat().st_mtime:
+        _say(f"3/5 evaluation: reusing {metrics_path}")
+        metrics = json.loads(metrics_path.read_text())
+    else:
+        _say(f"3/5 evaluation: COCO AP on {len(val_set)} validation images")
+        results = predict_dataset(model, val_set, category_ids=model.category_ids, batch_size=4, device=device,
+                                  progress=progress)
+        metrics = coco_evaluate(val_set.coco, list(results), verbose=False)
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        write_metrics(metrics_path, metrics)
+        (eval_dir / "predictions.json").write_text(json.dumps(list(results)))
+    print(format_metrics_table(metrics), flush=True)
+
+    # 4. predictions on held-out images
+    _say(f"4/5 predictions: overlays of {NUM_OVERLAYS} held-out images in {pred_dir}")
+    from ..viz import save_png
+    from ..data.images import read_image
+
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    predictor = Predictor(model, score_thresh=0.5)
+    paths = [val_set.image_path(i) for i in range(min(NUM_OVERLAYS, len(val_set)))]
+    overlays = []
+    for path in paths:
+        detections = predictor(path)
+        overlay = pred_dir / f"{Path(path).stem}.png"
+        save_png(overlay, detections.draw(read_image(path)))
+        overlays.append(str(overlay.relative_to(out)))
+
+    # 5. report
+    report = out / "report.html"
+    summary = {
+        "dataset": f"{NUM_TRAIN} train / {NUM_VAL} val synthetic images (maskrcnn shapes), {len(model.class_names) - 1} classes",
+        "model": f"{config.arch}, from scratch, GroupNorm, {model.config.min_size}px",
+        "training": f"{iters or '?'} iterations x {config.batch_size} images on {device}",
+        "demo wall time": f"{(time.time() - started) / 60:.1f} min (this invocation)",
+        "torch": torch.__version__,
+    }
+    q = shlex.quote
+    commands = [
+        ("Make a dataset (or use your own COCO json + image folder)",
+         f"maskrcnn shapes {q(str(data))} --train {NUM_TRAIN} --val {NUM_VAL}"),
+        ("Train", f"maskrcnn train --train-annotations {q(str(train_json))} --train-images {q(str(data / 'train'))} "
+                  f"--val-annotations {q(str(val_json))} --val-images {q(str(data / 'val'))} --arch {config.arch} "
+                  f"--iters {iters} --batch-size {config.batch_size} --out {q(str(run_dir))}"
+                  + (" --bf16" if config.bf16 else "")),
+        ("Evaluate", f"maskrcnn eval --weights {q(str(finished))} --annotations {q(str(val_json))} "
+                     f"--images {q(str(data / 'val'))} --out {q(str(eval_dir))}"),
+        ("Predict", f"maskrcnn predict --weights {q(str(finished))} --out {q(str(pred_dir))} {q(str(data / 'val'))}"),
+    ]
+    curves = run_dir / "curves.png"
+    write_report(report, title="maskrcnn demo", summary=summary, metrics=metrics,
+                 curves=str(curves.relative_to(out)) if curves.is_file() else None,
+                 overlays=overlays, commands=commands)
+    _say(f"5/5 report: {report.resolve()}")
+    return 0
+
+
+def _iterations_for_budget(config, seconds: float) -> int:
+    """Time a few training steps of this recipe here and fit the run (plus evaluation) into `seconds`."""
+    import torch
+
+    from ..data.coco import CocoDataset, collate
+    from ..engine.train import build_training_model, training_transforms
+
+    dataset = CocoDataset(config.train_annotations, config.train_images, transforms=training_transforms(config),
+                          augment_seed=config.seed)
+    model, _ = build_training_model(config, dataset.num_classes, dataset.class_names, dataset.category_ids)
+    model.transform.resize_in_training = False
+    model.train()
+    images, targets = collate([dataset[i] for i in range(config.batch_size)])
+    timings = []
+    for _ in range(3):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            losses = model(list(images), list(targets))
+        sum(losses.values()).backward()
+        timings.append(time.perf_counter() - start)
+    per_iter = min(timings[1:]) * 1.15  # optimiser step, data loading, logging
+    budget = max(seconds, 60) * 0.85 - 30  # evaluation, overlays and the report
+    return int(min(max(budget / per_iter, 50), 2000))

@@ -1,0 +1,101 @@
+"""maskrcnn eval: COCO box and mask AP of a checkpoint on a COCO-format dataset."""
+
+from __future__ import annotations
+
+NAME = "eval"
+HELP = "COCO bbox and segm AP of a checkpoint on a COCO-format dataset"
+ORDER = 30
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--weights", required=True, metavar="CKPT",
+                   help="checkpoint: ours (.safetensors, last.pt), a torchvision state dict, or a registered name")
+    p.add_argument("--annotations", required=True, metavar="JSON", help="COCO instances json (ground truth)")
+    p.add_argument("--images", required=True, metavar="DIR", help="folder of the images the json lists")
+    p.add_argument("--out", metavar="DIR", help="write DIR/metrics.json and DIR/predictions.json")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--batch-size", type=int, default=2, help="images per forward pass (default 2)")
+    p.add_argument("--score-thresh", type=float, default=0.05,
+                   help="drop detections scoring below this (default 0.05, as in COCO evaluation)")
+    p.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability -> pixel (default 0.5)")
+    p.add_argument("--per-class", action="store_true", help="also print AP per class")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_classes(model, dataset, weights: str) -> None:
+    """The model's labels must map onto the dataset's categories, or every AP would silently be 0.
+
+    A model fits when each dataset category id is one the model predicts (so a 91-output COCO model fits
+    any COCO subset); where both sides name a category, the names must agree."""
+    from ..errors import MaskRCNNError
+
+    model_ids = {int(c): i for i, c in enumerate(model.category_ids) if i > 0}
+    data_ids = dataset.category_ids[1:]
+    missing = [c for c in data_ids if c not in model_ids]
+    if missing:
+        raise MaskRCNNError(
+            f"{weights}: the checkpoint's classes do not fit {dataset.annotations_path}: the model has "
+            f"{model.num_classes - 1} classes (category ids {_short(sorted(model_ids))}), the dataset has "
+            f"{len(data_ids)} (ids {_short(data_ids)}); {len(missing)} dataset categories have no model class")
+    model_names = model.class_names
+    for label, name in zip(dataset.category_ids[1:], dataset.class_names[1:]):
+        ours = model_names[model_ids[label]]
+        if ours not in (name, "N/A") and not ours.startswith("class_"):
+            raise MaskRCNNError(f"{weights}: category id {label} is {name!r} in {dataset.annotations_path} "
+                                f"but {ours!r} in the checkpoint: the class lists do not match")
+
+
+def _short(ids) -> str:
+    ids = list(ids)
+    return ", ".join(map(str, ids[:8])) + (", ..." if len(ids) > 8 else "")
+
+
+def run(args) -> int:
+    import json
+    import os
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from .. import load
+    from ..data.coco import CocoDataset
+    from ..engine.distributed import resolve_device
+    from ..engine.evaluate import coco_evaluate, format_metrics_table, predict_dataset, write_metrics
+    from ..errors import MaskRCNNError
+
+    if args.batch_size < 1:
+        raise MaskRCNNError("--batch-size must be at least 1")
+    device = resolve_device(args.device)
+    dataset = CocoDataset(args.annotations, args.images)
+    missing = dataset.check_files()
+    if missing:
+        raise MaskRCNNError(f"{missing[0]}: image file not found ({len(missing)} of the {len(dataset)} images "
+                            f"listed in {args.annotations} are missing)")
+    model = load(args.weights, device=device, score_thresh=args.score_thresh)
+    check_classes(model, dataset, args.weights)
+
+    results = predict_dataset(model, dataset, category_ids=model.category_ids, batch_size=args.batch_size,
+                              mask_threshold=args.mask_threshold, device=device, progress=not args.no_progress)
+    known = set(dataset.category_ids[1:])
+    scored = [r for r in results if r["category_id"] in known]  # e.g. COCO's unused "N/A" outputs
+    metrics = coco_evaluate(dataset.coco, scored, iou_types=("bbox", "segm"), verbose=False)
+
+    print(f"{args.weights} on {args.annotations} ({len(dataset)} images, {len(scored)} detections)")
+    print(format_metrics_table(metrics))
+    if args.per_class:
+        for task in ("bbox", "segm"):
+            for name, ap in metrics["per_class"].get(task, {}).items():
+                print(f"{task} AP {100 * ap:5.1f}  {name}")
+    if args.out:
+        out = Path(args.out)
+        write_metrics(out / "metrics.json", metrics)
+        fd, tmp = tempfile.mkstemp(dir=out, prefix="predictions.json.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(scored, f)
+        os.replace(tmp, out / "predictions.json")
+        print(f"wrote {out / 'metrics.json'} and {out / 'predictions.json'}")
+    if results.failures:
+        print(f"maskrcnn eval: {len(results.failures)} images failed during inference and count as misses "
+              f"(see the warnings above)", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,144 @@
+"""maskrcnn train: train or fine-tune on a COCO-format dataset (one process, or N under torchrun).
+
+Settings come in layers, later ones winning: TrainConfig defaults (maskrcnn/engine/train.py) < the
+run's saved settings (with --resume) < --config FILE < command-line flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "train"
+HELP = "train or fine-tune Mask R-CNN on a COCO-format dataset (runs under torchrun for several processes)"
+ORDER = 20
+
+# flag destination -> TrainConfig field, for flags that map one to one
+_DIRECT = {
+    "train_annotations": "train_annotations", "train_images": "train_images",
+    "val_annotations": "val_annotations", "val_images": "val_images", "arch": "arch", "out": "out",
+    "init": "init", "iters": "iters", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
+    "weight_decay": "weight_decay", "warmup_iters": "warmup_iters", "schedule": "schedule", "device": "device",
+    "workers": "num_workers", "threads": "threads", "min_size": "min_sizes", "max_size": "max_size", "lsj": "lsj", "seed": "seed",
+    "eval_every": "eval_every", "checkpoint_every": "checkpoint_every", "log_every": "log_every",
+}
+
+
+def add_arguments(p) -> None:
+    S = argparse.SUPPRESS  # unset flags stay absent, so they do not override the config file
+    data = p.add_argument_group("data")
+    data.add_argument("--train-annotations", metavar="JSON", default=S, help="COCO instances json of the training set")
+    data.add_argument("--train-images", metavar="DIR", default=S, help="folder of the training images")
+    data.add_argument("--val-annotations", metavar="JSON", default=S, help="validation json (enables COCO AP)")
+    data.add_argument("--val-images", metavar="DIR", default=S, help="folder of the validation images")
+    data.add_argument("--out", metavar="RUN_DIR", default=S,
+                      help="run folder: last.pt, model.safetensors, best.safetensors, metrics.jsonl, curves.png")
+    data.add_argument("--config", metavar="FILE", help="YAML or JSON file of TrainConfig fields (flags override it)")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--arch", default=S, help="architecture when training from scratch (default resnet18_fpn)")
+    model.add_argument("--init", metavar="WEIGHTS", default=S,
+                       help="fine-tune from these weights (class layers adapted to the dataset's classes)")
+    model.add_argument("--norm", choices=("gn", "bn", "frozen_bn"), default=S,
+                       help="normalisation in backbone, FPN and heads (from-scratch default gn)")
+    model.add_argument("--model-option", metavar="KEY=VALUE", action="append", default=S,
+                       help="any ModelConfig field, e.g. box_head=conv or rpn.post_nms_top_n_train=1000 "
+                            "(repeatable; VALUE read as YAML)")
+
+    opt = p.add_argument_group("schedule")
+    length = opt.add_mutually_exclusive_group()
+    length.add_argument("--iters", type=int, default=S, help="run length in iterations")
+    length.add_argument("--epochs", type=int, default=S, help="run length in epochs")
+    opt.add_argument("--batch-size", type=int, default=S, help="global batch size (split across processes)")
+    opt.add_argument("--lr", type=float, default=S, help="peak learning rate")
+    opt.add_argument("--weight-decay", type=float, default=S)
+    opt.add_argument("--warmup-iters", type=int, default=S)
+    opt.add_argument("--schedule", choices=("cosine", "step", "constant"), default=S)
+    opt.add_argument("--grad-clip", type=float, default=S, metavar="NORM", help="max gradient norm (0: off)")
+    opt.add_argument("--amp", action="store_true", default=S, help="CUDA float16 mixed precision")
+    opt.add_argument("--bf16", action="store_true", default=S, help="bfloat16 autocast (CPU or CUDA)")
+    opt.add_argument("--seed", type=int, default=S)
+
+    aug = p.add_argument_group("training images")
+    aug.add_argument("--min-size", type=int, nargs="+", default=S, metavar="S",
+                     help="shorter side(s) in training, one picked per image (eval uses the largest)")
+    aug.add_argument("--max-size", type=int, default=S, help="longer side limit in training and evaluation")
+    aug.add_argument("--lsj", type=int, default=S, metavar="SIZE",
+                     help="large scale jitter to SIZE x SIZE crops instead of --min-size/--max-size")
+    aug.add_argument("--no-flip", action="store_true", default=S, help="no random horizontal flips")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:N")
+    run.add_argument("--workers", type=int, default=S, help="data loading processes")
+    run.add_argument("--threads", type=int, default=S, help="CPU threads per process (default: torch's choice)")
+    run.add_argument("--resume", action="store_true", help="continue RUN_DIR/last.pt (exactly where it stopped)")
+    run.add_argument("--eval-every", type=int, default=S, metavar="N", help="validate every N iterations")
+    run.add_argument("--checkpoint-every", type=int, default=S, metavar="N")
+    run.add_argument("--log-every", type=int, default=S, metavar="N")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _parse_value(text: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _model_options(args, base: dict) -> dict:
+    from ..errors import MaskRCNNError
+
+    options = dict(base)
+    if hasattr(args, "norm"):
+        options.update(backbone_norm=args.norm, fpn_norm=args.norm, head_norm=args.norm)
+    for item in getattr(args, "model_option", []):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MaskRCNNError(f"--model-option expects KEY=VALUE, got {item!r}")
+        if key.startswith("rpn."):
+            options["rpn"] = {**options.get("rpn", {}), key[4:]: _parse_value(value)}
+        else:
+            options[key] = _parse_value(value)
+    return options
+
+
+def build_config(args):
+    """The TrainConfig this command line asks for (see the module docstring for the layering)."""
+    from pathlib import Path
+
+    from ..engine.checkpoint import read_training_checkpoint
+    from ..engine.train import TrainConfig, config_with, load_config_file
+
+    config = TrainConfig()
+    if args.resume:
+        out = Path(getattr(args, "out", None) or config.out)
+        saved = read_training_checkpoint(out / "last.pt").get("train_config") or {}
+        config = config_with(config, saved, str(out / "last.pt"))
+    if args.config:
+        config = config_with(config, load_config_file(args.config), args.config)
+    changes = {field: getattr(args, flag) for flag, field in _DIRECT.items() if hasattr(args, flag)}
+    if "min_sizes" in changes:
+        changes["min_sizes"] = tuple(changes["min_sizes"])
+    if hasattr(args, "grad_clip"):
+        changes["grad_clip"] = args.grad_clip or None
+    if hasattr(args, "amp"):
+        changes["amp"] = True
+    if hasattr(args, "bf16"):
+        changes["bf16"] = True
+    if hasattr(args, "no_flip"):
+        changes["flip"] = False
+    if hasattr(args, "norm") or hasattr(args, "model_option"):
+        changes["model"] = _model_options(args, config.model)
+    return config_with(config, changes, "command line")
+
+
+def run(args) -> int:
+    from ..engine.train import train
+    from ..errors import MaskRCNNError
+
+    config = build_config(args)
+    if not config.train_annotations or not config.train_images:
+        raise MaskRCNNError("--train-annotations and --train-images are required (or set them in --config)")
+    train(config, resume=args.resume, progress=not args.no_progress)
+    return 0

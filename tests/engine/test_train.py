@@ -1,0 +1,225 @@
+"""Trainer behaviour: schedule, fine-tuning set-up, error handling, outputs, and a run on real COCO data."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import maskrcnn
+from maskrcnn.data.synthetic import make_shapes
+from maskrcnn.engine.plots import read_metrics
+from maskrcnn.engine.train import (CLASS_DEPENDENT_KEYS, TrainConfig, build_training_model, config_with, lr_factor,
+                                   train)
+from maskrcnn.errors import MaskRCNNError
+from maskrcnn.weights import save_checkpoint
+
+from conftest import coco_mini
+
+TINY_MODEL = {"fpn_channels": 32, "mask_head_channels": 32, "box_head_hidden": 64, "box_batch_size_per_image": 32,
+              "rpn": {"batch_size_per_image": 64, "pre_nms_top_n_train": 300, "post_nms_top_n_train": 100,
+                      "pre_nms_top_n_test": 100, "post_nms_top_n_test": 50}}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp("shapes"), num_train=6, num_val=3, size=64, seed=1, progress=False)
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(shapes, out, **changes) -> TrainConfig:
+    config = TrainConfig(train_annotations=shapes["train_annotations"], train_images=shapes["train_images"],
+                         out=str(out), iters=3, epochs=None, batch_size=2, lr=0.01, warmup_iters=2,
+                         min_sizes=(64,), max_size=86, num_workers=0, checkpoint_every=2, log_every=1,
+                         eval_every=None, device="cpu", model=dict(TINY_MODEL))
+    return config_with(config, changes)
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+def test_lr_warmup_then_cosine_to_zero():
+    c = TrainConfig(iters=100, epochs=None, warmup_iters=10, warmup_factor=0.001, schedule="cosine")
+    assert lr_factor(0, 100, c) == pytest.approx(0.001)
+    assert lr_factor(5, 100, c) == pytest.approx((0.001 * 0.5 + 0.5) * 0.5 * (1 + math.cos(math.pi * 0.05)))
+    assert lr_factor(50, 100, c) == pytest.approx(0.5)
+    assert lr_factor(100, 100, c) == pytest.approx(0.0, abs=1e-12)
+    values = [lr_factor(i, 100, c) for i in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_lr_step_schedule_takes_fractions_or_iterations():
+    fractions = TrainConfig(iters=100, epochs=None, warmup_iters=0, schedule="step", steps=(0.5, 0.75), gamma=0.1)
+    assert [lr_factor(i, 100, fractions) for i in (0, 49, 50, 74, 75, 99)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01])
+    iterations = config_with(fractions, {"steps": [30, 60]})
+    assert [lr_factor(i, 100, iterations) for i in (29, 30, 60)] == pytest.approx([1, 0.1, 0.01])
+
+
+def test_config_round_trip_and_unknown_keys(tmp_path):
+    config = TrainConfig(iters=5, epochs=None, min_sizes=(96, 128))
+    again = TrainConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+    assert config_with(config, {"epochs": 2}).iters is None  # switching the run length clears the other
+    with pytest.raises(MaskRCNNError, match="unknown training settings.*'learning_rate'"):
+        TrainConfig.from_dict({"learning_rate": 0.1})
+
+
+# ---------------------------------------------------------------------------------------------- fine-tuning
+
+def test_finetune_reinitialises_only_class_layers(shapes, tmp_path):
+    """A 7-class checkpoint fine-tuned to 3 unrelated classes keeps everything but the class layers."""
+    source = maskrcnn.build_model("resnet18_fpn", 7, **TINY_MODEL)
+    save_checkpoint(source, tmp_path / "seven.safetensors")
+    config = tiny_config(shapes, tmp_path / "run", init=str(tmp_path / "seven.safetensors"))
+    model, note = build_training_model(config, 3, ["__background__", "cat", "dog"], [0, 4, 9])
+    assert "re-initialised" in note
+    assert model.num_classes == 3 and model.category_ids == [0, 4, 9]
+    before = source.state_dict()
+    for key, value in model.state_dict().items():
+        if key in CLASS_DEPENDENT_KEYS:
+            assert value.shape[0] == 3 * CLASS_DEPENDENT_KEYS[key]
+        else:
+            assert torch.equal(value, before[key]), key
+    assert model.config.min_size == 64 and model.config.max_size == 86  # evaluates at the training scale
+
+
+def test_finetune_to_a_subset_keeps_matching_class_rows(shapes, tmp_path):
+    """COCO-style weights -> a dataset with some of the same classes: the rows of those classes are kept."""
+    names = ["__background__", "circle", "triangle", "square", "star", "hexagon", "ring"]
+    source = maskrcnn.build_model("resnet18_fpn", 7, **TINY_MODEL)
+    source.class_names = names
+    save_checkpoint(source, tmp_path / "seven.safetensors")
+    config = tiny_config(shapes, tmp_path / "run", init=str(tmp_path / "seven.safetensors"))
+    model, note = build_training_model(config, 3, ["__background__", "star", "circle"], [0, 1, 2])
+    assert "matched by name" in note
+    state, before = model.state_dict(), source.state_dict()
+    rows = [0, 4, 1]
+    assert torch.equal(state["box_predictor.class_logits.weight"], before["box_predictor.class_logits.weight"][rows])
+    assert torch.equal(state["mask_predictor.logits.bias"], before["mask_predictor.logits.bias"][rows])
+    box_rows = [4 * r + i for r in rows for i in range(4)]
+    assert torch.equal(state["box_predictor.box_deltas.weight"], before["box_predictor.box_deltas.weight"][box_rows])
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+def test_non_finite_loss_stops_with_iteration_and_keeps_last_checkpoint(shapes, tmp_path, monkeypatch, one_thread):
+    import maskrcnn.modeling.losses as losses
+
+    real = losses.training_losses
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        if calls["n"] == 3:
+            out["loss_mask"] = out["loss_mask"] * float("nan")
+        return out
+
+    monkeypatch.setattr(losses, "training_losses", poisoned)
+    config = tiny_config(shapes, tmp_path / "run", iters=5)
+    with pytest.raises(MaskRCNNError, match=r"non-finite loss at iteration 3 .*loss_mask=nan.*last\.pt"):
+        train(config, progress=False)
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert saved["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def _copy_dataset(shapes, tmp_path) -> tuple[Path, Path]:
+    images = tmp_path / "images"
+    shutil.copytree(shapes["train_images"], images)
+    return Path(shapes["train_annotations"]), images
+
+
+def test_missing_image_is_named(shapes, tmp_path):
+    annotations, images = _copy_dataset(shapes, tmp_path)
+    victim = sorted(images.iterdir())[2]
+    victim.unlink()
+    config = tiny_config(shapes, tmp_path / "run", train_images=str(images))
+    with pytest.raises(MaskRCNNError, match=f"{victim.name}: image file not found"):
+        train(config, progress=False)
+
+
+def test_bad_annotation_field_names_the_file(shapes, tmp_path):
+    data = json.loads(Path(shapes["train_annotations"]).read_text())
+    data["annotations"][0]["bbox"] = "oops"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    config = tiny_config(shapes, tmp_path / "run", train_annotations=str(bad))
+    with pytest.raises(MaskRCNNError, match=r"bad\.json.*'bbox'"):
+        train(config, progress=False)
+
+
+def test_training_set_without_instances_is_an_error(shapes, tmp_path):
+    data = json.loads(Path(shapes["train_annotations"]).read_text())
+    data["annotations"] = []
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps(data))
+    with pytest.raises(MaskRCNNError, match="no usable"):
+        train(tiny_config(shapes, tmp_path / "run", train_annotations=str(empty)), progress=False)
+    with pytest.raises(MaskRCNNError, match="too few images for batch size 64"):
+        train(tiny_config(shapes, tmp_path / "run", batch_size=64), progress=False)
+
+
+def test_bad_settings_are_one_clear_error(shapes, tmp_path):
+    with pytest.raises(MaskRCNNError, match="exactly one of iters and epochs"):
+        train(tiny_config(shapes, tmp_path / "run", epochs=2, iters=3), progress=False)
+    with pytest.raises(MaskRCNNError, match="amp .* needs a CUDA device"):
+        train(tiny_config(shapes, tmp_path / "run", amp=True), progress=False)
+    with pytest.raises(MaskRCNNError, match="no training checkpoint to resume"):
+        train(tiny_config(shapes, tmp_path / "nothing-here"), resume=True, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+def test_run_directory_contents_and_checkpoint_formats(shapes, tmp_path, one_thread):
+    val = {"val_annotations": shapes["val_annotations"], "val_images": shapes["val_images"]}
+    config = tiny_config(shapes, tmp_path / "run", eval_every=2, epochs=1, iters=None, bf16=True, **val)
+    summary = train(config, progress=False)
+    run = tmp_path / "run"
+    assert summary["completed"] and summary["iterations"] == summary["total_iters"] >= 1
+    for name in ("last.pt", "model.safetensors", "best.safetensors", "metrics.jsonl", "curves.png", "config.yaml"):
+        assert (run / name).is_file(), name
+    records = read_metrics(run / "metrics.jsonl")
+    train_records = [r for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert train_records and {"loss_mask", "lr", "time_per_iter", "loss"} <= set(train_records[0])
+    assert evals[-1]["iteration"] == summary["iterations"] and 0 <= evals[-1]["segm"]["AP"] <= 1
+    # The saved config is a valid --config file for the same run.
+    import yaml
+
+    assert TrainConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text())) == config
+    # The training checkpoint loads safely, and as weights.
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["iteration"] == summary["iterations"] and state["class_names"][1:] == [
+        "circle", "triangle", "square", "star", "hexagon", "ring"]
+    model = maskrcnn.load(run / "last.pt")
+    final = maskrcnn.load(run / "model.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), final.state_dict().values()))
+    assert final.category_ids == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_trains_on_real_coco_data(tmp_path, one_thread):
+    """80 classes, polygons and crowd RLE, real photos of mixed sizes: a few clean iterations."""
+    root = coco_mini()
+    config = TrainConfig(train_annotations=str(root / "annotations" / "instances_train2017.json"),
+                         train_images=str(root / "train2017"), out=str(tmp_path / "coco"), iters=3, epochs=None,
+                         batch_size=2, min_sizes=(160, 192), max_size=256, num_workers=1, warmup_iters=2,
+                         log_every=1, device="cpu", model=dict(TINY_MODEL))
+    summary = train(config, progress=False)
+    assert summary["completed"]
+    records = [r for r in read_metrics(tmp_path / "coco" / "metrics.jsonl") if r["type"] == "train"]
+    assert len(records) == 3 and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+    model = maskrcnn.load(tmp_path / "coco" / "model.safetensors")
+    assert model.num_classes == 81 and model.category_ids[-1] == 90 and model.class_names[1] == "person"
