@@ -40,7 +40,7 @@ def one_thread():
 
 def tiny_config(shapes, out, **changes) -> TrainConfig:
     config = TrainConfig(train_annotations=shapes["train_annotations"], train_images=shapes["train_images"],
-                         out=str(out), iters=7, epochs=None, batch_size=2, lr=0.01, warmup_iters=3,
+                         out=str(out), iters=7, epochs=None, batch_size=2, lr=0.01, warmup_iters=3, optimizer="sgd", bf16=False,
                          min_sizes=(64, 80), max_size=107, num_workers=0, checkpoint_every=3, log_every=1,
                          eval_every=None, device="cpu", model=dict(TINY_MODEL), seed=5)
     for key, value in changes.items():

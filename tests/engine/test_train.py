@@ -40,7 +40,7 @@ def one_thread():
 
 def tiny_config(shapes, out, **changes) -> TrainConfig:
     config = TrainConfig(train_annotations=shapes["train_annotations"], train_images=shapes["train_images"],
-                         out=str(out), iters=3, epochs=None, batch_size=2, lr=0.01, warmup_iters=2,
+                         out=str(out), iters=3, epochs=None, batch_size=2, lr=0.01, warmup_iters=2, optimizer="sgd", bf16=False,
                          min_sizes=(64,), max_size=86, num_workers=0, checkpoint_every=2, log_every=1,
                          eval_every=None, device="cpu", model=dict(TINY_MODEL))
     return config_with(config, changes)
@@ -64,6 +64,20 @@ def test_lr_step_schedule_takes_fractions_or_iterations():
         [1, 1, 0.1, 0.1, 0.01, 0.01])
     iterations = config_with(fractions, {"steps": [30, 60]})
     assert [lr_factor(i, 100, iterations) for i in (29, 30, 60)] == pytest.approx([1, 0.1, 0.01])
+
+
+def test_auto_settings_resolve_by_run_kind():
+    from maskrcnn.engine.train import resolve_defaults
+
+    scratch = resolve_defaults(TrainConfig(iters=5, epochs=None), torch.device("cpu"))
+    assert (scratch.optimizer, scratch.lr, scratch.weight_decay) == ("adamw", 1e-3, 0.05)
+    finetune = resolve_defaults(TrainConfig(iters=5, epochs=None, init="w.pth"), torch.device("cpu"))
+    assert (finetune.optimizer, finetune.lr, finetune.weight_decay) == ("sgd", 0.02, 1e-4)
+    pinned = resolve_defaults(TrainConfig(iters=5, epochs=None, optimizer="sgd", lr=0.1, bf16=False),
+                              torch.device("cpu"))
+    assert (pinned.optimizer, pinned.lr, pinned.bf16) == ("sgd", 0.1, False)
+    assert resolve_defaults(TrainConfig(iters=5, epochs=None), torch.device("cpu")).bf16 == bool(
+        torch.cpu._is_avx512_bf16_supported())
 
 
 def test_config_round_trip_and_unknown_keys(tmp_path):
@@ -196,10 +210,14 @@ def test_run_directory_contents_and_checkpoint_formats(shapes, tmp_path, one_thr
     evals = [r for r in records if r["type"] == "eval"]
     assert train_records and {"loss_mask", "lr", "time_per_iter", "loss"} <= set(train_records[0])
     assert evals[-1]["iteration"] == summary["iterations"] and 0 <= evals[-1]["segm"]["AP"] <= 1
-    # The saved config is a valid --config file for the same run.
+    # The saved config is a valid --config file for the same run, with the "auto" settings resolved.
     import yaml
 
-    assert TrainConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text())) == config
+    from maskrcnn.engine.train import resolve_defaults
+
+    saved = TrainConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    assert saved == resolve_defaults(config, torch.device("cpu"))
+    assert saved.optimizer == "sgd" and saved.weight_decay == 1e-4 and saved.lr == 0.01
     # The training checkpoint loads safely, and as weights.
     state = torch.load(run / "last.pt", weights_only=True)
     assert state["iteration"] == summary["iterations"] and state["class_names"][1:] == [

@@ -17,6 +17,7 @@ _DIRECT = {
     "train_annotations": "train_annotations", "train_images": "train_images",
     "val_annotations": "val_annotations", "val_images": "val_images", "arch": "arch", "out": "out",
     "init": "init", "iters": "iters", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
+    "optimizer": "optimizer",
     "weight_decay": "weight_decay", "warmup_iters": "warmup_iters", "schedule": "schedule", "device": "device",
     "workers": "num_workers", "threads": "threads", "min_size": "min_sizes", "max_size": "max_size", "lsj": "lsj", "seed": "seed",
     "eval_every": "eval_every", "checkpoint_every": "checkpoint_every", "log_every": "log_every",
@@ -55,7 +56,11 @@ def add_arguments(p) -> None:
     opt.add_argument("--schedule", choices=("cosine", "step", "constant"), default=S)
     opt.add_argument("--grad-clip", type=float, default=S, metavar="NORM", help="max gradient norm (0: off)")
     opt.add_argument("--amp", action="store_true", default=S, help="CUDA float16 mixed precision")
-    opt.add_argument("--bf16", action="store_true", default=S, help="bfloat16 autocast (CPU or CUDA)")
+    opt.add_argument("--bf16", action="store_true", default=S,
+                     help="bfloat16 autocast (CPU or CUDA); on by default for CPUs with native bf16")
+    opt.add_argument("--fp32", action="store_true", default=S, help="no bfloat16 autocast, even where it is the default")
+    opt.add_argument("--optimizer", choices=("auto", "sgd", "adamw"), default=S,
+                     help="auto (default): AdamW from scratch, SGD with momentum when fine-tuning (--init)")
     opt.add_argument("--seed", type=int, default=S)
 
     aug = p.add_argument_group("training images")
@@ -124,8 +129,12 @@ def build_config(args):
         changes["grad_clip"] = args.grad_clip or None
     if hasattr(args, "amp"):
         changes["amp"] = True
+    if hasattr(args, "bf16") and hasattr(args, "fp32"):
+        raise MaskRCNNError("choose one of --bf16 and --fp32")
     if hasattr(args, "bf16"):
         changes["bf16"] = True
+    if hasattr(args, "fp32"):
+        changes["bf16"] = False
     if hasattr(args, "no_flip"):
         changes["flip"] = False
     if hasattr(args, "norm") or hasattr(args, "model_option"):
