@@ -58,6 +58,34 @@ def test_torchvision_resnet18_with_other_class_count(tmp_path):
     assert ours.config.depth == 18 and ours.num_classes == 7 and ours.class_names[6] == "class_6"
 
 
+def test_trainable_batchnorm_backbone_is_evaluated_as_batchnorm(tmp_path):
+    """torchvision builds a trainable-BatchNorm backbone when no pretrained one is given; its state dict
+    (with num_batches_tracked) must load as BatchNorm, whose eval arithmetic we then reproduce exactly."""
+    from torchvision.models import resnet18
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+
+    torch.manual_seed(0)
+    ref = MaskRCNN(_resnet_fpn_extractor(resnet18(), 3), num_classes=5, min_size=256, max_size=320)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        ref.roi_heads.box_predictor.cls_score.weight.mul_(20)
+        for m in ref.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.2 - 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    ref.eval()
+    torch.save(ref.state_dict(), tmp_path / "bn.pth")
+    ours = maskrcnn.load(tmp_path / "bn.pth")
+    assert ours.config.backbone_norm == "bn"
+    ours.transform.min_size, ours.transform.max_size = (256,), 320
+    image = torch.rand(3, 200, 250, generator=g)
+    with torch.no_grad():
+        a, b = ref([image])[0], ours([image])[0]
+    assert len(a["boxes"]) > 0 and torch.equal(a["labels"], b["labels"])
+    assert (a["boxes"] - b["boxes"]).abs().max() <= 0.01 and (a["scores"] - b["scores"]).abs().max() <= 1e-4
+
+
 def test_missing_file():
     with pytest.raises(MaskRCNNError, match="not found"):
         maskrcnn.load("/nonexistent/model.pth")

@@ -116,6 +116,10 @@ def infer_config(state: dict[str, torch.Tensor], source: str = "checkpoint") -> 
         base = arch_config(f"resnet{depth}_fpn", num_classes)
     base.rpn_conv_depth = len({k.split(".")[3] for k in state if k.startswith("rpn.head.conv.")})
     base.fpn_norm = "bn" if "fpn.lateral.0.norm.weight" in state else None
+    if base.backbone_norm == "frozen_bn" and "backbone.bn1.num_batches_tracked" in state:
+        # Saved from a trainable BatchNorm backbone (torchvision builds one when no pretrained backbone is
+        # given): evaluate it with BatchNorm's own arithmetic, which rounds differently from frozen BN's.
+        base.backbone_norm = "bn"
     return base
 
 

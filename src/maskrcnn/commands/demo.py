@@ -40,7 +40,7 @@ def run(args) -> int:
     from ..data.synthetic import make_shapes
     from ..engine.evaluate import coco_evaluate, format_metrics_table, predict_dataset, write_metrics
     from ..engine.report import write_report
-    from ..engine.train import TrainConfig, train
+    from ..engine.train import TrainConfig, resolve_defaults, train
     from ..errors import MaskRCNNError
 
     if args.minutes <= 0:
@@ -65,8 +65,9 @@ def run(args) -> int:
     device = "cpu" if device == "auto" else device
     config = TrainConfig(train_annotations=str(train_json), train_images=str(data / "train"),
                          val_annotations=str(val_json), val_images=str(data / "val"), out=str(run_dir),
-                         device=device, bf16=device == "cpu", amp=device.startswith("cuda"),
-                         eval_every=None, checkpoint_every=100)
+                         device=device, amp=device.startswith("cuda"), eval_every=None, checkpoint_every=100)
+    # bf16 only where the CPU has native bf16 instructions; elsewhere it is emulated and slower than fp32
+    config = resolve_defaults(config, torch.device(device))
     finished = run_dir / "model.safetensors"
     if finished.is_file():
         _say(f"2/5 training: reusing the finished run in {run_dir}")
@@ -124,7 +125,7 @@ def run(args) -> int:
     report = out / "report.html"
     summary = {
         "dataset": f"{NUM_TRAIN} train / {NUM_VAL} val synthetic images (maskrcnn shapes), {len(model.class_names) - 1} classes",
-        "model": f"{config.arch}, from scratch, GroupNorm, {model.config.min_size}px",
+        "model": f"{config.arch}, from scratch, backbone norm {model.config.backbone_norm}, {model.config.min_size}px",
         "training": f"{iters or '?'} iterations x {config.batch_size} images on {device}",
         "demo wall time": f"{(time.time() - started) / 60:.1f} min (this invocation)",
         "torch": torch.__version__,

@@ -35,7 +35,8 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else conv_norm(self.downsample[0], self.downsample[1], x)
         out = self.relu(conv_norm(self.conv1, self.bn1, x))
         out = conv_norm(self.conv2, self.bn2, out)
-        return self.relu(out + identity)
+        out += identity  # in place: one activation-sized allocation fewer (autograd checks it is safe)
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
@@ -57,7 +58,8 @@ class Bottleneck(nn.Module):
         out = self.relu(conv_norm(self.conv1, self.bn1, x))
         out = self.relu(conv_norm(self.conv2, self.bn2, out))
         out = conv_norm(self.conv3, self.bn3, out)
-        return self.relu(out + identity)
+        out += identity  # in place: one activation-sized allocation fewer (autograd checks it is safe)
+        return self.relu(out)
 
 
 def _shortcut(in_ch: int, out_ch: int, stride: int, norm: str) -> nn.Module | None:

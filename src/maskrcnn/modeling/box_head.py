@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import ConvNormAct
+from .layers import ConvNormAct, full_precision
 
 
 class MLPBoxHead(nn.Module):
@@ -55,4 +55,4 @@ class BoxPredictor(nn.Module):
         nn.init.zeros_(self.box_deltas.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.class_logits(x), self.box_deltas(x)
+        return full_precision(self.class_logits, x), full_precision(self.box_deltas, x)

@@ -68,7 +68,14 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module | None, x: torch.Tensor) -> torch
         return conv(x)
     foldable = isinstance(norm, FrozenBatchNorm2d) or (isinstance(norm, nn.BatchNorm2d) and not norm.training
                                                        and norm.track_running_stats)
-    if not foldable or not _FOLD_NORMS.get() or torch.is_grad_enabled():
+    if not foldable or torch.is_grad_enabled():
+        return norm(conv(x))
+    if not _FOLD_NORMS.get():
+        if isinstance(norm, FrozenBatchNorm2d):
+            # The same two roundings as norm(conv(x)), so bit for bit the same result, but in place on the
+            # conv's fresh output: no second activation-sized allocation (page faults) per layer.
+            scale, shift = norm.scale_and_shift()
+            return conv(x).mul_(scale.reshape(1, -1, 1, 1)).add_(shift.reshape(1, -1, 1, 1))
         return norm(conv(x))
     weight, bias = _folded(conv, norm)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -94,6 +101,16 @@ def _folded(conv: nn.Conv2d, norm: nn.Module) -> tuple[torch.Tensor, torch.Tenso
 
 
 NORMS = ("frozen_bn", "bn", "gn", None)
+
+
+def full_precision(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) in float32 even under autocast. For the final prediction layers: logits rounded to
+    bfloat16 (8 significant bits) tie and swap places in the top-k and NMS orderings, which changes which
+    proposals and detections survive; these layers are a tiny share of the compute."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return layer(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return layer(x.float())
 
 
 def make_norm(kind: str | None, channels: int) -> nn.Module | None:

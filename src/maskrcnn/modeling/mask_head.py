@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import ConvNormAct
+from .layers import ConvNormAct, full_precision
 
 
 class MaskHead(nn.Module):
@@ -37,4 +37,4 @@ class MaskPredictor(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits(torch.relu(self.upsample(x)))
+        return full_precision(self.logits, torch.relu(self.upsample(x)))

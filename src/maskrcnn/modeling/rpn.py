@@ -10,7 +10,7 @@ from torchvision.ops import batched_nms
 
 from .anchors import AnchorGenerator
 from .boxes import BoxCoder, clip_boxes, nonempty
-from .layers import ConvNormAct
+from .layers import ConvNormAct, full_precision
 
 
 class RPNHead(nn.Module):
@@ -33,8 +33,8 @@ class RPNHead(nn.Module):
             x = self.conv(x)
             n, _, h, w = x.shape
             a = self.objectness.out_channels
-            logits.append(self.objectness(x).permute(0, 2, 3, 1).reshape(n, -1))
-            deltas.append(self.box_deltas(x).view(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
+            logits.append(full_precision(self.objectness, x).permute(0, 2, 3, 1).reshape(n, -1))
+            deltas.append(full_precision(self.box_deltas, x).view(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
         return logits, deltas
 
 
