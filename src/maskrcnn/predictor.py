@@ -15,6 +15,7 @@ import torch
 
 from .data.images import read_image, to_float_tensor
 from .errors import MaskRCNNError
+from .exported import ExportedModel, is_exported_file
 from .modeling.model import MaskRCNN
 
 if TYPE_CHECKING:
@@ -28,9 +29,10 @@ class Predictor:
         dets = predictor("street.jpg")              # one image -> Detections
         many = predictor([array, pil_image, path])  # a list -> list of Detections, batch_size at a time
 
-    `weights_or_model` is anything `maskrcnn.load` accepts (checkpoint path or registered name) or an
-    already built `MaskRCNN`. `device=None` means "cpu" for a checkpoint and the model's own device
-    for a model (so passing a model never moves it); "auto" picks CUDA when present.
+    `weights_or_model` is anything `maskrcnn.load` accepts (checkpoint path or registered name), a file
+    written by `maskrcnn export` (.onnx, run by ONNX Runtime, or TorchScript; both CPU and fp32 only), or an
+    already built `MaskRCNN` or `ExportedModel`. `device=None` means "cpu" for a checkpoint and the model's
+    own device for a model (so passing a model never moves it); "auto" picks CUDA when present.
     Any model runs in eval mode during our calls and gets its own mode back afterwards.
     `score_thresh`, `max_detections` and `precision` ("fp32", "bf16", "fp16"; None keeps the model's)
     are applied only during our calls, so a model handed in is left as it was.
@@ -51,6 +53,12 @@ class Predictor:
             self.model = weights_or_model
             if device is not None:
                 self.model.to(_resolve_device(device))
+        elif isinstance(weights_or_model, ExportedModel):
+            self.model = weights_or_model
+        elif is_exported_file(weights_or_model):
+            if precision not in (None, "fp32"):
+                raise MaskRCNNError(f"{weights_or_model}: exported models run in fp32 only, not {precision}")
+            self.model = ExportedModel.load(weights_or_model)
         elif isinstance(weights_or_model, torch.nn.Module):
             raise MaskRCNNError(f"expected a maskrcnn MaskRCNN model, got {type(weights_or_model).__name__}; "
                                 "convert torchvision models by saving their state_dict and loading that file")
@@ -69,6 +77,8 @@ class Predictor:
 
     @property
     def device(self) -> torch.device:
+        if isinstance(self.model, ExportedModel):
+            return torch.device("cpu")
         return next(self.model.parameters()).device
 
     @property

@@ -29,7 +29,8 @@ def add_arguments(p) -> None:
                    help="image files, folders (their images, sorted), glob patterns or video files "
                         "(.mp4 .avi .mov .mkv .webm)")
     p.add_argument("--weights", required=True, metavar="SRC",
-                   help="checkpoint file (ours or a torchvision state dict) or a registered name")
+                   help="checkpoint file (ours or a torchvision state dict), a registered name, or a file "
+                        "from `maskrcnn export` (.onnx runs on ONNX Runtime; exported files run on the CPU)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     p.add_argument("--score-thresh", type=float, default=0.5, metavar="S",
                    help="keep detections scoring above this (default 0.5; 0.05 is usual for COCO evaluation)")

@@ -1,0 +1,27 @@
+"""maskrcnn export: write a model as ONNX or TorchScript for `maskrcnn predict --weights FILE` or other runtimes."""
+
+from __future__ import annotations
+
+NAME = "export"
+HELP = "export a model to ONNX (for ONNX Runtime) or TorchScript, with class names and preprocessing inside"
+ORDER = 35
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--weights", required=True, metavar="SRC",
+                   help="checkpoint file (ours or a torchvision state dict) or a registered name")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx",
+                   help="onnx (file must end in .onnx) or torchscript (default onnx)")
+    p.add_argument("--out", required=True, metavar="FILE", help="file to write")
+
+
+def run(args) -> int:
+    from ..export import export
+    from ..weights import load
+
+    model = load(args.weights, device="cpu")
+    path = export(model, args.out, args.format)
+    size_mb = path.stat().st_size / 1e6
+    print(f"wrote {path} ({args.format}, {size_mb:.1f} MB, {model.num_classes} classes); "
+          f"run it with: maskrcnn predict --weights {path} ...")
+    return 0

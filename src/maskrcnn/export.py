@@ -1,0 +1,208 @@
+"""Export a model to ONNX or TorchScript.
+
+Both formats hold the same graph, `DetectionGraph`: from one normalised image, zero-padded to a multiple of
+32, to its detections and their 28x28 mask probabilities. Resizing before it and pasting masks after it
+are left to `maskrcnn.exported` (numpy): the resize factor is Python arithmetic on the image size, which a
+trace would freeze, and unpasted masks let other runtimes paste only what they need. The class names and
+every preprocessing setting travel inside the file (ONNX metadata_props / a TorchScript extra file), so an
+exported file is all `maskrcnn predict` needs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.onnx.operators import shape_as_tensor
+from torchvision.ops import nms
+
+from .errors import MaskRCNNError
+from .exported import INPUT_NAMES, METADATA_FORMAT, METADATA_KEY, OUTPUT_NAMES
+from .modeling.model import MaskRCNN
+from .modeling.poolers import level_of_boxes, roi_align
+
+FORMATS = ("onnx", "torchscript")
+ONNX_OPSET = 17  # >= 16: RoiAlign with an explicit coordinate transformation mode
+
+
+class DetectionGraph(nn.Module):
+    """`MaskRCNN.predict` for one padded image, written so that tracing records every data-dependent step.
+
+    A trace keeps tensor operations and freezes Python values. So the sizes that depend on the input
+    (how many anchors a level has, how many boxes pass a filter) are read with tensor ops, empty
+    selections go through the same ops as full ones instead of being skipped by an `if`, and the score
+    threshold and detection limit are graph inputs so that a file serves any --score-thresh.
+
+    Inputs: image (1, 3, H, W) normalised and padded; image_size (2,) int64 height and width before the
+    padding; score_thresh () float32; max_detections () int64.
+    Outputs, in the resized image's pixels, best first: boxes (K, 4), scores (K,), labels (K,) int64,
+    mask_probs (K, 28, 28) — the sigmoid of the detected class's mask logits.
+    """
+
+    def __init__(self, model: MaskRCNN):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor, image_size: torch.Tensor, score_thresh: torch.Tensor,
+                max_detections: torch.Tensor):
+        m = self.model
+        size = image_size.to(torch.float32)
+        features = m.features(image)
+        proposals = self.proposals(image, features, size)
+        boxes, scores, labels = self.detections(features[:-1], proposals, size, score_thresh, max_detections)
+        mask_logits = m.mask_predictor(m.mask_head(self.pool(features[:-1], boxes, m.mask_pooler)))
+        picked = mask_logits[torch.arange(labels.shape[0]), labels]
+        return boxes, scores, labels, picked.sigmoid()
+
+    def proposals(self, image: torch.Tensor, features: list[torch.Tensor], size: torch.Tensor) -> torch.Tensor:
+        """RegionProposalNetwork.candidates + suppress for batch 1, with the top-k size read off the shapes."""
+        rpn = self.model.rpn
+        cfg = rpn.config
+        logits, deltas = rpn.head(features)
+        all_boxes, all_scores, all_levels = [], [], []
+        for level, (lg, dl, feature) in enumerate(zip(logits, deltas, features)):
+            anchors = rpn.anchor_generator._grid(image.shape[-2:], feature.shape[-2:],
+                                                 rpn.anchor_generator.sizes[level], image.device)
+            available = shape_as_tensor(lg)[1]
+            k = torch.clamp(available, max=cfg.pre_nms_top_n_test)
+            top_scores, idx = lg[0].topk(k)
+            boxes = rpn.box_coder.decode(dl[0, idx], anchors[idx])[:, 0]
+            all_boxes.append(boxes)
+            all_scores.append(top_scores)
+            all_levels.append(torch.full_like(idx, level))
+        boxes = _clip(torch.cat(all_boxes), size)
+        scores = torch.sigmoid(torch.cat(all_scores))
+        levels = torch.cat(all_levels)
+        keep = _nonempty(boxes, cfg.min_size)
+        if cfg.score_thresh > 0:  # a setting, not data: fixed when the graph is built
+            keep = keep & (scores >= cfg.score_thresh)
+        boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
+        keep = _batched_nms(boxes, scores, levels, cfg.nms_thresh, size)[:cfg.post_nms_top_n_test]
+        return boxes[keep]
+
+    def detections(self, features: list[torch.Tensor], proposals: torch.Tensor, size: torch.Tensor,
+                   score_thresh: torch.Tensor, max_detections: torch.Tensor):
+        """postprocess.select_detections for one image."""
+        m = self.model
+        c = m.config
+        class_logits, box_deltas = m.box_predictor(m.box_head(self.pool(features, proposals, m.box_pooler)))
+        boxes = _clip(m.box_coder.decode(box_deltas, proposals), size)[:, 1:].reshape(-1, 4)
+        scores = torch.softmax(class_logits, -1)[:, 1:].reshape(-1)
+        # Candidate i is (proposal i // (classes - 1), class i % (classes - 1) + 1), as in the eager code.
+        labels = torch.arange(scores.shape[0]) % (c.num_classes - 1) + 1
+        keep = (scores > score_thresh) & _nonempty(boxes, 1e-2)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = _batched_nms(boxes, scores, labels, c.nms_thresh, size)
+        keep = keep[torch.arange(keep.shape[0]) < max_detections]
+        return boxes[keep], scores[keep], labels[keep]
+
+    def pool(self, features: list[torch.Tensor], boxes: torch.Tensor, pooler) -> torch.Tensor:
+        """MultiLevelRoIAlign over P2..P5 for one image; every level runs, also on no boxes, so no branch is
+        traced. The scales are the strides' 1/4..1/32 (the eager pooler reads them off the shapes, which
+        gives the same powers of two for any resized image more than ~75 px high)."""
+        rois = torch.cat((torch.zeros_like(boxes[:, :1]), boxes), dim=1)
+        levels = level_of_boxes(boxes, 2, 1 + len(features))
+        s = pooler.output_size
+        out = features[0].new_zeros((boxes.shape[0], features[0].shape[1], s, s))
+        for level, feature in enumerate(features):
+            idx = torch.where(levels == level)[0]
+            out[idx] = roi_align(feature, rois[idx], s, 2.0 ** -(2 + level), pooler.sampling_ratio)
+        return out
+
+
+def _clip(boxes: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """boxes.clip_boxes with the image size as a tensor (a graph input, not a constant)."""
+    x = torch.minimum(boxes[..., 0::2].clamp(min=0), size[1])
+    y = torch.minimum(boxes[..., 1::2].clamp(min=0), size[0])
+    return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
+
+
+def _nonempty(boxes: torch.Tensor, min_size: float) -> torch.Tensor:
+    return ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size)
+
+
+def _batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_thresh: float,
+                 size: torch.Tensor) -> torch.Tensor:
+    """NMS within each group: shifting every group by more than the image is wide and high keeps groups
+    apart. (torchvision's batched_nms measures that offset with boxes.max(), which fails on no boxes.)"""
+    offsets = groups.to(boxes.dtype)[:, None] * (size.max() + 1)
+    return nms(boxes + offsets, scores, iou_thresh)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+def metadata(model: MaskRCNN) -> dict:
+    """What a runtime needs besides the graph: class names and ids, the preprocessing, default settings."""
+    t = model.transform
+    return {
+        "format": METADATA_FORMAT,
+        "class_names": list(model.class_names),
+        "category_ids": [int(i) for i in model.category_ids],
+        "preprocessing": {"min_size": t.min_size[-1], "max_size": t.max_size, "mean": t.mean.flatten().tolist(),
+                          "std": t.std.flatten().tolist(), "size_divisible": t.size_divisible},
+        "config": model.config.to_dict(),
+    }
+
+
+def example_inputs(model: MaskRCNN, height: int = 320, width: int = 416) -> tuple[torch.Tensor, ...]:
+    """Inputs to trace with. Any values do: the graph has no data-dependent branches."""
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand((1, 3, height, width), generator=generator)
+    return (image, torch.tensor([height, width]), torch.tensor(model.config.score_thresh, dtype=torch.float32),
+            torch.tensor(model.config.detections_per_img))
+
+
+def export(model: MaskRCNN, path: str | os.PathLike, fmt: str = "onnx") -> Path:
+    """Write `model` as an ONNX or TorchScript file (written atomically) and return its path."""
+    if fmt not in FORMATS:
+        raise MaskRCNNError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if model.precision != "fp32":
+        raise MaskRCNNError(f"export needs an fp32 model, got precision {model.precision!r}")
+    path = Path(path)
+    if fmt == "onnx" and path.suffix.lower() != ".onnx":
+        raise MaskRCNNError(f"{path}: an ONNX file must end in .onnx (that is how predict recognises it)")
+    if next(model.parameters()).device.type != "cpu" or model.training:
+        model = copy.deepcopy(model).cpu().eval()  # leave the caller's model where and as it was
+    graph = DetectionGraph(model).eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.tmp"))  # not mkstemp: its files are private (0600)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer and exporter deprecation chatter, nothing actionable
+            if fmt == "onnx":
+                _export_onnx(graph, tmp, metadata(model))
+            else:
+                _export_torchscript(graph, tmp, metadata(model))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _export_onnx(graph: DetectionGraph, path: str, meta: dict) -> None:
+    try:
+        import onnx
+    except ImportError:
+        raise MaskRCNNError("ONNX export needs the onnx package: pip install 'maskrcnn[export]'") from None
+    dynamic = {"image": {2: "height", 3: "width"}, **{name: {0: "detections"} for name in OUTPUT_NAMES}}
+    # The TorchScript-based exporter: it maps torchvision's nms and roi_align to ONNX's NonMaxSuppression
+    # and RoiAlign, which the torch.export-based one does not.
+    torch.onnx.export(graph, example_inputs(graph.model), path, dynamo=False, opset_version=ONNX_OPSET,
+                      input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic)
+    proto = onnx.load(path)
+    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta))
+    onnx.save(proto, path)
+
+
+def _export_torchscript(graph: DetectionGraph, path: str, meta: dict) -> None:
+    traced = torch.jit.trace(graph, example_inputs(graph.model), check_trace=False)
+    torch.jit.save(traced, path, _extra_files={METADATA_KEY: json.dumps(meta)})
+
+
+__all__ = ["export", "DetectionGraph", "FORMATS", "metadata"]

@@ -1,0 +1,254 @@
+"""Running exported models: ONNX files through ONNX Runtime (CPU), TorchScript files through torch.jit.
+
+`ExportedModel` has the call interface of `MaskRCNN` at inference (a list of (3,H,W) images in [0,1] ->
+one dict of boxes, labels, scores and (N,1,H,W) mask probabilities per image) plus the attributes
+`Predictor` reads, so predict's files, drawing and formats are shared with the PyTorch path. The exported
+graph (see `maskrcnn.export`) starts at the normalised, padded image and ends at 28x28 masks; the steps
+around it are done here in numpy with the same arithmetic as `ImageTransform` and `paste_masks`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import MaskRCNNError
+from .modeling.model import ModelConfig
+
+METADATA_KEY = "maskrcnn"            # ONNX metadata_props key and TorchScript extra file name
+METADATA_FORMAT = "maskrcnn.export.v1"
+INPUT_NAMES = ("image", "image_size", "score_thresh", "max_detections")
+OUTPUT_NAMES = ("boxes", "scores", "labels", "mask_probs")
+
+
+def is_exported_file(source) -> bool:
+    """An .onnx path, or a TorchScript archive written by `maskrcnn export` (whatever its suffix)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    path = Path(source)
+    return path.suffix.lower() == ".onnx" or (path.is_file() and _torchscript_metadata_entry(path) is not None)
+
+
+def _torchscript_metadata_entry(path: Path) -> str | None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return next((n for n in archive.namelist() if n.endswith(f"/extra/{METADATA_KEY}")), None)
+    except (zipfile.BadZipFile, OSError):
+        return None
+
+
+class ExportedModel:
+    """An exported Mask R-CNN. Always fp32 on the CPU, one image per graph call."""
+
+    training = False
+    precision = "fp32"
+
+    def __init__(self, run_graph, meta: dict, source: str):
+        """`run_graph(image, image_size, score_thresh, max_detections)` -> (boxes, scores, labels, mask_probs)
+        as numpy arrays; `meta` is the metadata `maskrcnn export` wrote."""
+        try:
+            if meta.get("format") != METADATA_FORMAT:
+                raise ValueError(f"format {meta.get('format')!r}, expected {METADATA_FORMAT!r}")
+            self.config = ModelConfig.from_dict(meta["config"])
+            self.class_names = list(meta["class_names"])
+            self.category_ids = [int(i) for i in meta["category_ids"]]
+            prep = meta["preprocessing"]
+            self.min_size, self.max_size = int(prep["min_size"]), int(prep["max_size"])
+            self.mean = np.asarray(prep["mean"], dtype=np.float32).reshape(3, 1, 1)
+            self.std = np.asarray(prep["std"], dtype=np.float32).reshape(3, 1, 1)
+            self.size_divisible = int(prep["size_divisible"])
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            raise MaskRCNNError(f"{source}: damaged maskrcnn metadata ({e})") from None
+        self.source = source
+        self._run_graph = run_graph
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ExportedModel":
+        path = Path(path)
+        if not path.is_file():
+            raise MaskRCNNError(f"{path}: model file not found")
+        if path.suffix.lower() == ".onnx":
+            return cls(*_open_onnx(path), str(path))
+        return cls(*_open_torchscript(path), str(path))
+
+    # The parts of the nn.Module interface that Predictor uses.
+    def eval(self) -> "ExportedModel":
+        return self
+
+    def train(self, mode: bool = True) -> "ExportedModel":
+        if mode:
+            raise MaskRCNNError(f"{self.source}: an exported model can only predict, not train")
+        return self
+
+    def __call__(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        if self.precision != "fp32":
+            raise MaskRCNNError(f"{self.source}: exported models run in fp32 only, not {self.precision}")
+        return [{k: torch.from_numpy(v) for k, v in self.detect(image.detach().cpu().numpy()).items()}
+                for image in images]
+
+    def detect(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """One (3, H, W) float image in [0, 1] -> boxes, labels, scores, masks (N, 1, H, W) in its pixels."""
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise MaskRCNNError(f"expected a (3, H, W) image, got shape {image.shape}")
+        height, width = image.shape[-2:]
+        batch, size = self.preprocess(image)
+        boxes, scores, labels, mask_probs = self._run_graph(
+            batch, np.asarray(size, dtype=np.int64), np.asarray(self.config.score_thresh, dtype=np.float32),
+            np.asarray(self.config.detections_per_img, dtype=np.int64))
+        boxes = rescale_boxes(boxes, size, (height, width))
+        masks = paste_masks(mask_probs, boxes, (height, width))[:, None]
+        return {"boxes": boxes, "labels": labels.astype(np.int64), "scores": scores, "masks": masks}
+
+    def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """ImageTransform in numpy: normalise, resize, zero-pad -> ((1, 3, H', W') batch, resized (h, w))."""
+        image = (image.astype(np.float32, copy=False) - self.mean) / self.std
+        h, w = image.shape[-2:]
+        scale = min(float(self.min_size) / min(h, w), float(self.max_size) / max(h, w))
+        resized = resize_bilinear(image, int(h * scale), int(w * scale))
+        d = self.size_divisible
+        out_h, out_w = resized.shape[-2:]
+        batch = np.zeros((1, 3, math.ceil(out_h / d) * d, math.ceil(out_w / d) * d), dtype=np.float32)
+        batch[0, :, :out_h, :out_w] = resized
+        return batch, (out_h, out_w)
+
+
+def _open_onnx(path: Path):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise MaskRCNNError("running ONNX models needs onnxruntime: pip install 'maskrcnn[export]'") from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as the PyTorch path
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for unreadable files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise MaskRCNNError(f"{path}: not a valid ONNX model ({first})") from None
+    text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    if text is None or [i.name for i in session.get_inputs()] != list(INPUT_NAMES):
+        raise MaskRCNNError(f"{path}: an ONNX model, but not one written by `maskrcnn export`")
+
+    def run(image, image_size, score_thresh, max_detections):
+        feeds = dict(zip(INPUT_NAMES, (image, image_size, score_thresh, max_detections)))
+        return session.run(list(OUTPUT_NAMES), feeds)
+
+    return run, _parse_metadata(text, path)
+
+
+def _open_torchscript(path: Path):
+    import torchvision  # noqa: F401  (registers torchvision::nms and roi_align, which the graph calls)
+
+    if _torchscript_metadata_entry(path) is None:
+        raise MaskRCNNError(f"{path}: not a model written by `maskrcnn export` (neither .onnx nor a "
+                            "TorchScript file with maskrcnn metadata)")
+    extra = {METADATA_KEY: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise MaskRCNNError(f"{path}: not a loadable TorchScript model ({first})") from None
+
+    def run(image, image_size, score_thresh, max_detections):
+        with torch.inference_mode():
+            outputs = module(*(torch.from_numpy(np.asarray(a)) for a in
+                               (image, image_size, score_thresh, max_detections)))
+        return [o.numpy() for o in outputs]
+
+    return run, _parse_metadata(extra[METADATA_KEY], path)
+
+
+def _parse_metadata(text, path: Path) -> dict:
+    try:
+        meta = json.loads(text)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, TypeError) as e:
+        raise MaskRCNNError(f"{path}: damaged maskrcnn metadata ({e})") from None
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------- numpy
+
+def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of bilinear resizing along one axis, as PyTorch computes them for
+    align_corners=False: position (i + 0.5) * in/out - 0.5 clamped at 0, with the float32 scale. PyTorch's
+    CPU kernels evaluate the position as one fused multiply-add (a single rounding to float32), which
+    float64 arithmetic rounded once reproduces; two float32 roundings shift weights by up to 1e-4."""
+    scale = np.float64(np.float32(in_size) / np.float32(out_size))
+    src = np.maximum(scale * (np.arange(out_size) + 0.5) - 0.5, 0).astype(np.float32)
+    low = np.minimum(src.astype(np.int64), in_size - 1)
+    high = np.where(low < in_size - 1, low + 1, low)
+    frac = np.clip(src - low.astype(np.float32), 0, 1).astype(np.float32)
+    return low, high, frac
+
+
+def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(C, H, W) float32 -> (C, height, width); F.interpolate(mode="bilinear", align_corners=False)."""
+    low, high, frac = _linear_taps(image.shape[-2], height)
+    f = frac[:, None]
+    rows = image[:, low, :] * (1 - f) + image[:, high, :] * f
+    low, high, frac = _linear_taps(image.shape[-1], width)
+    return rows[:, :, low] * (1 - frac) + rows[:, :, high] * frac
+
+
+def rescale_boxes(boxes: np.ndarray, from_size: tuple[int, int], to_size: tuple[int, int]) -> np.ndarray:
+    """Boxes from the resized image's pixels back to the input's (float32, as transform.rescale_boxes)."""
+    ratio_h = np.float32(to_size[0]) / np.float32(from_size[0])
+    ratio_w = np.float32(to_size[1]) / np.float32(from_size[1])
+    return (boxes.reshape(-1, 4) * np.array([ratio_w, ratio_h, ratio_w, ratio_h], dtype=np.float32))
+
+
+def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int], padding: int = 1) -> np.ndarray:
+    """postprocess.paste_masks in numpy: (N, M, M) probabilities into their boxes on (N, H, W) canvases."""
+    n, m = masks.shape[0], masks.shape[-1]
+    height, width = image_size
+    if n == 0:
+        return np.zeros((0, height, width), dtype=np.float32)
+    padded = np.pad(masks.astype(np.float32, copy=False), ((0, 0), (padding, padding), (padding, padding)))
+    x0, y0, x1, y1 = paste_bounds(boxes, m, padding).T
+    rows = _resize_matrix(y0, y1, m + 2 * padding, height)
+    cols = _resize_matrix(x0, x1, m + 2 * padding, width)
+    return rows @ padded @ cols.transpose(0, 2, 1)
+
+
+def paste_bounds(boxes: np.ndarray, mask_size: int = 28, padding: int = 1) -> np.ndarray:
+    """(N, 4) int64 x0 y0 x1 y1: the pixels (inclusive) each padded mask is resized onto. Whole pixels, so a
+    box edge within rounding of a pixel border can land on either side of it (in PyTorch as well)."""
+    scale = np.float32((mask_size + 2 * padding) / mask_size)
+    half = np.float32(0.5)
+    half_w = (boxes[:, 2] - boxes[:, 0]) * half * scale
+    half_h = (boxes[:, 3] - boxes[:, 1]) * half * scale
+    cx = (boxes[:, 2] + boxes[:, 0]) * half
+    cy = (boxes[:, 3] + boxes[:, 1]) * half
+    return np.stack((cx - half_w, cy - half_h, cx + half_w, cy + half_h), axis=1).astype(np.int64)
+
+
+def _resize_matrix(start: np.ndarray, end: np.ndarray, in_size: int, canvas: int) -> np.ndarray:
+    """(N, canvas, in_size) weights resizing a length-`in_size` signal onto pixels start..end (inclusive)."""
+    out_size = np.maximum(end - start + 1, 1)
+    pos = np.arange(canvas)
+    local = pos[None, :] - start[:, None]
+    inside = ((pos[None, :] >= np.maximum(start, 0)[:, None]) & (pos[None, :] <= end[:, None])).astype(np.float32)
+    step = np.float32(in_size) / out_size.astype(np.float32)
+    src = np.maximum((local.astype(np.float32) + np.float32(0.5)) * step[:, None] - np.float32(0.5), np.float32(0))
+    low = np.minimum(src.astype(np.int64), in_size - 1)
+    frac = np.clip(src - low.astype(np.float32), 0, 1)
+    high = np.where(low < in_size - 1, low + 1, low)
+    taps = np.arange(in_size)
+    return (((taps == low[..., None]) * ((1 - frac) * inside)[..., None])
+            + ((taps == high[..., None]) * (frac * inside)[..., None])).astype(np.float32)
+
+
+__all__ = ["ExportedModel", "is_exported_file", "paste_bounds", "paste_masks", "resize_bilinear",
+           "rescale_boxes"]
