@@ -2,11 +2,12 @@
 
     python benchmarks/cpu_inference.py                 # inference, fp32 + bf16, 6 COCO val images
     python benchmarks/cpu_inference.py --train         # also the training step, ours vs torchvision
+    python benchmarks/cpu_inference.py --onnx          # also our model exported to ONNX, on ONNX Runtime
 
 Prints median seconds per image for each path, the ratio to torchvision, the FLOPs of one forward pass
 (torch.utils.flop_counter) and the achieved GFLOP/s, and how well the detections agree:
   fp32: one-to-one match (same order, label), max |box|, |score| and |mask prob| differences;
-  bf16: share of torchvision's detections matched (same class, box IoU >= 0.9) and mean mask IoU.
+  bf16 and ONNX: share of torchvision's detections matched (same class, box IoU >= 0.9), mean mask IoU.
 Machines are noisy, so only ratios measured side by side in one run are meaningful.
 """
 
@@ -101,9 +102,15 @@ def inference(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(reference.state_dict(), Path(tmp) / "weights.pth")
         ours = {p: maskrcnn.load(Path(tmp) / "weights.pth", precision=p) for p in args.precisions}
-    runners = {"torchvision fp32": reference, **{f"ours {p}": m for p, m in ours.items()}}
+        runners = {"torchvision fp32": reference, **{f"ours {p}": m for p, m in ours.items()}}
+        if args.onnx:
+            from maskrcnn.export import export
+            from maskrcnn.exported import ExportedModel
+
+            onnx_path = export(maskrcnn.load(Path(tmp) / "weights.pth"), Path(tmp) / "model.onnx")
+            runners["ours onnxruntime"] = ExportedModel.load(onnx_path)
     times = {name: [] for name in runners}
-    exact, matched_total, ref_total, mask_ious = [], 0, 0, []
+    exact, matched = [], {name: [0, 0, []] for name in ("ours bf16", "ours onnxruntime")}
     with torch.no_grad():
         for name, model in runners.items():  # warm-up (allocations, oneDNN kernel selection)
             model([images[0]])
@@ -116,10 +123,11 @@ def inference(args) -> None:
             ref = outputs["torchvision fp32"][0]
             if "ours fp32" in outputs:
                 exact.append(agreement_exact(ref, outputs["ours fp32"][0]))
-            if "ours bf16" in outputs:
-                m, n, ious = agreement_matched(ref, outputs["ours bf16"][0])
-                matched_total, ref_total = matched_total + m, ref_total + n
-                mask_ious += ious
+            for name, tally in matched.items():
+                if name in outputs:
+                    m, n, ious = agreement_matched(ref, outputs[name][0])
+                    tally[0], tally[1] = tally[0] + m, tally[1] + n
+                    tally[2] += ious
     flops = count_flops(reference, images[0])
     base = statistics.median(times["torchvision fp32"])
     print(f"\nCPU inference, arch {args.arch}, {len(images)} COCO val images x {args.repeats} repeats, "
@@ -135,9 +143,11 @@ def inference(args) -> None:
         print(f"fp32 agreement: {same}/{len(exact)} images with identical detections "
               f"({sum(e['n'] for e in exact)} detections); max |box| {worst['box']:.2e} px, "
               f"|score| {worst['score']:.2e}, |mask| {worst['mask']:.2e}")
-    if ref_total:
-        print(f"bf16 agreement: {matched_total}/{ref_total} = {100 * matched_total / ref_total:.1f}% of detections "
-              f"matched (same class, box IoU >= 0.9); mean mask IoU {statistics.mean(mask_ious or [0]):.3f}")
+    for name, (matched_total, ref_total, mask_ious) in matched.items():
+        if ref_total:
+            print(f"{name} agreement: {matched_total}/{ref_total} = {100 * matched_total / ref_total:.1f}% of "
+                  f"detections matched (same class, box IoU >= 0.9); mean mask IoU "
+                  f"{statistics.mean(mask_ious or [0]):.3f}")
 
 
 def training_step(args) -> None:
@@ -194,6 +204,7 @@ def main() -> None:
     p.add_argument("--arch", choices=["v1", "v2"], default="v1")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--train", action="store_true", help="also time one training step")
+    p.add_argument("--onnx", action="store_true", help="also time our model exported to ONNX, on ONNX Runtime")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     if args.threads:

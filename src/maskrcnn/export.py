@@ -22,6 +22,7 @@ from torch.onnx.operators import shape_as_tensor
 from torchvision.ops import nms
 
 from .errors import MaskRCNNError
+from .files import atomic_path
 from .exported import INPUT_NAMES, METADATA_FORMAT, METADATA_KEY, OUTPUT_NAMES
 from .modeling.model import MaskRCNN
 from .modeling.poolers import level_of_boxes, roi_align
@@ -169,19 +170,12 @@ def export(model: MaskRCNN, path: str | os.PathLike, fmt: str = "onnx") -> Path:
     if next(model.parameters()).device.type != "cpu" or model.training:
         model = copy.deepcopy(model).cpu().eval()  # leave the caller's model where and as it was
     graph = DetectionGraph(model).eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.tmp"))  # not mkstemp: its files are private (0600)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer and exporter deprecation chatter, nothing actionable
-            if fmt == "onnx":
-                _export_onnx(graph, tmp, metadata(model))
-            else:
-                _export_torchscript(graph, tmp, metadata(model))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and exporter deprecation chatter, nothing actionable
+        if fmt == "onnx":
+            _export_onnx(graph, str(tmp), metadata(model))
+        else:
+            _export_torchscript(graph, str(tmp), metadata(model))
     return path
 
 

@@ -10,14 +10,15 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import torch
 
 from .errors import MaskRCNNError
+from .files import atomic_path
 from .modeling.model import ARCHS, MaskRCNN, ModelConfig, arch_config
 
 # COCO 2017 category names by category id (ids 1..90; "N/A" where COCO left an id unused).
@@ -138,16 +139,8 @@ def save_checkpoint(model: MaskRCNN, path: str | os.PathLike) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT_TAG, "config": json.dumps(model.config.to_dict()),
                 "class_names": json.dumps(model.class_names), "category_ids": json.dumps(model.category_ids)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict]:
@@ -241,28 +234,23 @@ def fetch(name: str, progress: bool = True) -> Path:
     path = registry_path(name)
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
     try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
-            from tqdm import tqdm
+        with atomic_path(path) as tmp:
+            digest = hashlib.sha256()
+            with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
+                from tqdm import tqdm
 
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=path.name, disable=not progress) as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-        if not digest.hexdigest().startswith(sha_prefix):
-            raise MaskRCNNError(f"{url}: downloaded file is corrupt (SHA-256 does not start with {sha_prefix})")
-        os.replace(tmp, path)
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=path.name, disable=not progress) as bar:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        bar.update(len(chunk))
+            if not digest.hexdigest().startswith(sha_prefix):
+                raise MaskRCNNError(f"{url}: downloaded file is corrupt (SHA-256 does not start with {sha_prefix})")
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         raise MaskRCNNError(f"cannot download {name} from {url} ({getattr(e, 'reason', e)}); without network, "
                             f"fetch that file elsewhere and put it at {path}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -292,7 +280,17 @@ def load(source: str | os.PathLike, *, device: str | torch.device = "cpu", score
     model = MaskRCNN(config, class_names, category_ids)
     load_state(model, state, str(path))
     model.precision = precision
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if precision == "bf16" and next(model.parameters()).device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("this CPU has no native bfloat16 instructions (AVX512-BF16 / AMX): bf16 is emulated "
+                      "here and much slower than fp32", stacklevel=2)
+    return model
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: where bf16 matmuls and convolutions run at about twice the fp32 rate."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 __all__ = ["load", "save_checkpoint", "read_checkpoint", "from_torchvision", "infer_config", "fetch", "REGISTRY",

@@ -11,7 +11,6 @@ import contextlib
 import numpy as np
 import pytest
 import torch
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 

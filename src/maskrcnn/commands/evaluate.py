@@ -52,9 +52,7 @@ def _short(ids) -> str:
 
 def run(args) -> int:
     import json
-    import os
     import sys
-    import tempfile
     from pathlib import Path
 
     from .. import load
@@ -62,6 +60,7 @@ def run(args) -> int:
     from ..engine.distributed import resolve_device
     from ..engine.evaluate import coco_evaluate, format_metrics_table, predict_dataset, write_metrics
     from ..errors import MaskRCNNError
+    from ..files import write_text_atomic
 
     if args.batch_size < 1:
         raise MaskRCNNError("--batch-size must be at least 1")
@@ -89,10 +88,7 @@ def run(args) -> int:
     if args.out:
         out = Path(args.out)
         write_metrics(out / "metrics.json", metrics)
-        fd, tmp = tempfile.mkstemp(dir=out, prefix="predictions.json.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(scored, f)
-        os.replace(tmp, out / "predictions.json")
+        write_text_atomic(out / "predictions.json", json.dumps(scored))
         print(f"wrote {out / 'metrics.json'} and {out / 'predictions.json'}")
     if results.failures:
         print(f"maskrcnn eval: {len(results.failures)} images failed during inference and count as misses "

@@ -11,11 +11,12 @@ import csv
 import glob
 import io
 import json
-import os
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from ..files import write_text_atomic
 
 NAME = "predict"
 HELP = "segment images, folders, globs or videos; write overlays and predictions.json"
@@ -165,19 +166,6 @@ def count_rows(entries: list[dict], frame: int | None = None) -> list[list]:
     if not per_class:
         return [[frame_cell, "", 0]]
     return [[frame_cell, name, count] for name, count in per_class.items()]
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write-then-rename: readers never see a half-written file. (Not tempfile.mkstemp: its files are
-    private (0600); a plain open keeps the user's usual permissions.)"""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_json_atomic(path: Path, data) -> None:

@@ -114,6 +114,7 @@ def build_config(args):
 
     from ..engine.checkpoint import read_training_checkpoint
     from ..engine.train import TrainConfig, config_with, load_config_file
+    from ..errors import MaskRCNNError
 
     config = TrainConfig()
     if args.resume:

@@ -22,28 +22,20 @@ functions of (seed, epoch, index, iteration), see engine/train.py.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import MaskRCNNError
+from ..files import atomic_path
 
 TRAIN_FORMAT_TAG = "maskrcnn.train.v1"
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     """Write to a temp file in the same folder, then rename: a crash mid-write never leaves a broken file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_training_checkpoint(path: str | os.PathLike) -> dict:

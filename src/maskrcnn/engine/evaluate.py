@@ -20,9 +20,7 @@ import contextlib
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from ..errors import MaskRCNNError
+from ..files import write_text_atomic
 from ..results import encode_rle
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -191,17 +190,7 @@ def _json_safe(value):
 
 def write_metrics(path, metrics: dict) -> None:
     """Write metrics.json via a temp file and os.replace, so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_text_atomic(path, json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n")
 
 
 # ------------------------------------------------------------------------------------------- inference

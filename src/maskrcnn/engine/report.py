@@ -5,8 +5,9 @@ from __future__ import annotations
 import html
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from ..files import write_text_atomic
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -75,9 +76,5 @@ pre {{ background: #f6f8fa; padding: 0.7em; overflow-x: auto; }}
 <h3>Raw numbers</h3><pre>{html.escape(json.dumps({k: metrics[k] for k in ("bbox", "segm") if k in metrics}, indent=1))}</pre>
 </body></html>
 """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".report.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(page)
-    os.replace(tmp, path)
+    write_text_atomic(path, page)
     return path

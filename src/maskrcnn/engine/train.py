@@ -368,8 +368,9 @@ def resolve_defaults(config: TrainConfig, device: torch.device) -> TrainConfig:
     if config.weight_decay is None:
         changes["weight_decay"] = 1e-4 if optimizer == "sgd" else 0.05
     if config.bf16 is None:
-        changes["bf16"] = (device.type == "cpu" and not config.amp and hasattr(torch.cpu, "_is_avx512_bf16_supported")
-                           and bool(torch.cpu._is_avx512_bf16_supported()))
+        from ..weights import cpu_has_native_bf16
+
+        changes["bf16"] = device.type == "cpu" and not config.amp and cpu_has_native_bf16()
     return replace(config, **changes)
 
 
