@@ -180,8 +180,9 @@ def training_step(args) -> None:
             p.grad = None
         loss.backward()
 
-    runners = {"torchvision fp32": lambda: step(reference), "ours fp32": lambda: step(ours),
-               "ours bf16": lambda: step(ours, True)}
+    runners = {"torchvision fp32": lambda: step(reference), "ours fp32": lambda: step(ours)}
+    if "bf16" in args.precisions:
+        runners["ours bf16"] = lambda: step(ours, True)
     times = {k: [] for k in runners}
     for fn in runners.values():
         fn()
@@ -204,13 +205,15 @@ def main() -> None:
     p.add_argument("--arch", choices=["v1", "v2"], default="v1")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--train", action="store_true", help="also time one training step")
+    p.add_argument("--train-only", action="store_true", help="only the training step")
     p.add_argument("--onnx", action="store_true", help="also time our model exported to ONNX, on ONNX Runtime")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    inference(args)
-    if args.train:
+    if not args.train_only:
+        inference(args)
+    if args.train or args.train_only:
         training_step(args)
 
 

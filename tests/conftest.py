@@ -50,3 +50,12 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def val_images() -> list[Path]:
     return sorted((coco_mini() / "val2017").glob("*.jpg"))
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded math: fast on a busy 2-core machine and the same kernels in every process."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -29,14 +29,6 @@ def shapes(tmp_path_factory):
     return make_shapes(tmp_path_factory.mktemp("shapes"), num_train=8, num_val=2, size=64, seed=3, progress=False)
 
 
-@pytest.fixture
-def one_thread():
-    """Single-threaded math: fast on a busy 2-core machine and the same kernels in every process."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny_config(shapes, out, **changes) -> TrainConfig:
     config = TrainConfig(train_annotations=shapes["train_annotations"], train_images=shapes["train_images"],

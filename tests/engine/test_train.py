@@ -30,13 +30,6 @@ def shapes(tmp_path_factory):
     return make_shapes(tmp_path_factory.mktemp("shapes"), num_train=6, num_val=3, size=64, seed=1, progress=False)
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny_config(shapes, out, **changes) -> TrainConfig:
     config = TrainConfig(train_annotations=shapes["train_annotations"], train_images=shapes["train_images"],
