@@ -3,6 +3,8 @@
     python benchmarks/cpu_inference.py                 # inference, fp32 + bf16, 6 COCO val images
     python benchmarks/cpu_inference.py --train         # also the training step, ours vs torchvision
     python benchmarks/cpu_inference.py --onnx          # also our model exported to ONNX, on ONNX Runtime
+    python benchmarks/cpu_inference.py --agreement-weights runs/shapes/model.safetensors \
+        --agreement-images data/shapes/val             # also bf16 vs fp32 of a trained model
 
 Prints median seconds per image for each path, the ratio to torchvision, the FLOPs of one forward pass
 (torch.utils.flop_counter) and the achieved GFLOP/s, and how well the detections agree:
@@ -150,6 +152,30 @@ def inference(args) -> None:
                   f"{statistics.mean(mask_ious or [0]):.3f}")
 
 
+def trained_agreement(args) -> None:
+    """bf16 vs fp32 of one trained checkpoint (ours) on a folder of images: how many fp32 detections
+    bf16 keeps. A random-weight network is chaotic (a 1e-6 change moves its boxes), so its bf16
+    agreement says little about a trained model's; this measures a trained one."""
+    paths = sorted(p for p in Path(args.agreement_images).iterdir() if p.suffix.lower() in (".jpg", ".png"))
+    paths = paths[: args.agreement_num_images]
+    if not paths:
+        sys.exit(f"no .jpg/.png images in {args.agreement_images}")
+    models = {p: maskrcnn.load(args.agreement_weights, precision=p, score_thresh=args.agreement_score_thresh)
+              for p in ("fp32", "bf16")}
+    matched = total = 0
+    mask_ious: list[float] = []
+    with torch.no_grad():
+        for path in paths:
+            image = read_rgb(path)
+            ref, ours = (models[p]([image])[0] for p in ("fp32", "bf16"))
+            m, n, ious = agreement_matched(ref, ours)
+            matched, total, mask_ious = matched + m, total + n, mask_ious + ious
+    print(f"\nbf16 vs fp32 of the trained model {args.agreement_weights} on {len(paths)} images of "
+          f"{args.agreement_images} (score >= {args.agreement_score_thresh}): {matched}/{total} = "
+          f"{100 * matched / max(total, 1):.1f}% of detections matched (same class, box IoU >= 0.9); mean mask IoU "
+          f"{statistics.mean(mask_ious or [0]):.3f}")
+
+
 def training_step(args) -> None:
     """One SGD step on the same batch and config: torchvision's model vs ours (fp32, and ours in bf16)."""
     paths = sorted(Path(args.images).glob("*.jpg"))[:2]
@@ -208,11 +234,20 @@ def main() -> None:
     p.add_argument("--train-only", action="store_true", help="only the training step")
     p.add_argument("--onnx", action="store_true", help="also time our model exported to ONNX, on ONNX Runtime")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--agreement-weights", help="a trained checkpoint: also report its bf16-vs-fp32 agreement")
+    p.add_argument("--agreement-images", help="images for --agreement-weights")
+    p.add_argument("--agreement-num-images", type=int, default=60)
+    p.add_argument("--agreement-score-thresh", type=float, default=0.05)
+    p.add_argument("--skip-inference", action="store_true", help="skip the torchvision comparison")
     args = p.parse_args()
+    if bool(args.agreement_weights) != bool(args.agreement_images):
+        p.error("--agreement-weights and --agreement-images go together")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not args.train_only:
+    if not (args.train_only or args.skip_inference):
         inference(args)
+    if args.agreement_weights:
+        trained_agreement(args)
     if args.train or args.train_only:
         training_step(args)
 

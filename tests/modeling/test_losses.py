@@ -77,3 +77,27 @@ def test_balanced_sampling_caps():
     assert (labels[pos] == 1).all() and (labels[neg] == 0).all() and len(set(pos.tolist())) == 8
     pos, neg = sample_balanced(labels, 512, 0.25)
     assert len(pos) == 10 and len(neg) == 100  # fewer candidates than asked: take them all
+
+
+def test_mask_rois_per_image_keeps_the_first_positives():
+    from maskrcnn.modeling.losses import _mask_rois
+
+    labels = torch.tensor([3, 1, 2, 5, 0, 0, 4, 0])  # positives first, as the sampler returns them
+    assert _mask_rois(labels, None).tolist() == (labels > 0).tolist()
+    assert _mask_rois(labels, 10).tolist() == (labels > 0).tolist()
+    assert _mask_rois(labels, 2).tolist() == [True, True] + [False] * 6
+    assert not _mask_rois(torch.zeros(4, dtype=torch.int64), 2).any()
+
+
+def test_capped_mask_rois_change_only_the_mask_loss():
+    images, targets = make_targets(3, [(96, 128), (80, 80), (128, 96)], num_classes=5)
+    options = dict(fpn_channels=32, mask_head_channels=16, box_head_hidden=32, min_size=96, max_size=128)
+    torch.manual_seed(0)
+    every = maskrcnn.build_model("resnet18_fpn", num_classes=5, **options).train()
+    capped = maskrcnn.build_model("resnet18_fpn", num_classes=5, mask_rois_per_image=1, **options).train()
+    capped.load_state_dict(every.state_dict())
+    losses = [model(images, targets, generators=[torch.Generator().manual_seed(i) for i in range(3)])
+              for model in (every, capped)]
+    for name in ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"):
+        assert torch.allclose(losses[0][name], losses[1][name]), name
+    assert not torch.allclose(losses[0]["loss_mask"], losses[1]["loss_mask"])

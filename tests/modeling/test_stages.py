@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from maskrcnn.modeling.anchors import AnchorGenerator, base_anchors
 from maskrcnn.modeling.backbone import ResNet
@@ -143,7 +144,7 @@ def test_model_accepts_any_sizes_and_returns_input_pixels():
             assert 1 <= o["labels"].min() and o["labels"].max() <= 4
 
 
-def test_roi_align_gradient_matches_torchvision():
+def test_training_roi_align_matches_torchvision():
     from torchvision.ops import roi_align as reference
 
     from maskrcnn.modeling.poolers import roi_align
@@ -160,8 +161,8 @@ def test_roi_align_gradient_matches_torchvision():
         out = fn(x, rois, 7, 0.25, 2)
         out.backward(torch.arange(out.numel(), dtype=torch.float32).reshape(out.shape) % 7 - 3)
         grads.append((out.detach(), x.grad))
-    assert torch.equal(grads[0][0], grads[1][0])
-    assert grads[0][1].abs().max() > 0
+    assert grads[0][0].abs().max() > 0 and grads[0][1].abs().max() > 0
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
 
 
@@ -187,3 +188,79 @@ def test_folded_norms_give_the_same_features():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item())
     assert not torch.allclose(folded[0], refolded[0])
     assert torch.allclose(changed[0], refolded[0], rtol=1e-4, atol=1e-4 * changed[0].abs().max().item())
+
+
+def test_training_roi_align_under_bf16_autocast_keeps_dtypes():
+    from torchvision.ops import roi_align as reference
+
+    from maskrcnn.modeling.poolers import roi_align
+
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(1, 16, 32, 32, generator=g).to(torch.bfloat16).requires_grad_(True)
+    rois = torch.tensor([[0.0, 4.0, 4.0, 60.0, 90.0], [0.0, 30.0, 10.0, 31.0, 100.0]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = roi_align(feats, rois, 14, 0.25, 2)
+    expected = reference(feats.detach().float(), rois, 14, 0.25, 2)
+    assert out.dtype == torch.bfloat16 and out.shape == expected.shape
+    assert torch.allclose(out.float(), expected, atol=0.05, rtol=0.02)
+    out.float().sum().backward()
+    assert feats.grad.dtype == torch.bfloat16 and feats.grad.float().abs().sum() > 0
+
+
+def test_mask_predictor_training_path_equals_the_all_class_convolutions():
+    """In training the upsampling runs as 1x1 conv + pixel shuffle and only each RoI's class is scored;
+    both must be the same function as the transposed conv + all-class logits used at inference."""
+    from maskrcnn.modeling.mask_head import MaskPredictor
+
+    torch.manual_seed(0)
+    predictor = MaskPredictor(16, 5, 8)
+    nn.init.normal_(predictor.upsample.bias)
+    nn.init.normal_(predictor.logits.bias)
+    x = torch.randn(6, 16, 14, 14)
+    labels = torch.tensor([0, 4, 2, 2, 1, 3])
+    with torch.no_grad():
+        every_class = predictor(x)
+    assert every_class.shape == (6, 5, 28, 28)
+    selected = predictor(x.requires_grad_(True), labels=labels)
+    assert selected.shape == (6, 28, 28)
+    assert torch.allclose(selected, every_class[torch.arange(6), labels], atol=1e-5)
+    selected.sum().backward()
+    assert predictor.upsample.weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+    assert predictor.logits.weight.grad[:, :, 0, 0].abs().sum(1).gt(0).tolist() == [True] * 5
+
+
+def test_bf16_inference_returns_fp32_detections_in_the_image():
+    """The bf16 path runs channels-last under autocast and pools from fp32 copies of the features; what it
+    returns must look exactly like the fp32 path's output (dtypes, shapes, ranges), and switching back to
+    fp32 must give the fp32 results again (no state left behind)."""
+    from conftest import tiny_model
+
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 120, 150, generator=g), torch.rand(3, 90, 70, generator=g)]
+    with torch.no_grad():
+        before = model(images)
+        model.precision = "bf16"
+        reduced = model(images)
+        model.precision = "fp32"
+        after = model(images)
+    for fp32, bf16, image in zip(before, reduced, images):
+        assert len(bf16["boxes"]) > 0
+        assert bf16["boxes"].dtype == bf16["scores"].dtype == bf16["masks"].dtype == torch.float32
+        assert bf16["masks"].shape[1:] == (1, *image.shape[-2:])
+        assert 0 <= bf16["masks"].min() and bf16["masks"].max() <= 1
+        assert bf16["boxes"][:, 2].max() <= image.shape[-1] and bf16["boxes"][:, 3].max() <= image.shape[-2]
+    for a, b in zip(before, after):
+        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["masks"], b["masks"])
+
+
+def test_mask_predictor_training_path_takes_zero_rois():
+    """An image (or a process's share of a batch) with no positive proposal sends 0 RoIs through training."""
+    from maskrcnn.modeling.mask_head import MaskPredictor
+
+    predictor = MaskPredictor(16, 5, 8)
+    x = torch.zeros(0, 16, 14, 14, requires_grad=True)
+    out = predictor(x, labels=torch.zeros(0, dtype=torch.int64))
+    assert out.shape == (0, 28, 28)
+    (out.sum() * 0).backward()
+    assert predictor.upsample.weight.grad is not None and predictor.logits.weight.grad is not None

@@ -40,7 +40,7 @@ def add_arguments(p) -> None:
     model.add_argument("--init", metavar="WEIGHTS", default=S,
                        help="fine-tune from these weights (class layers adapted to the dataset's classes)")
     model.add_argument("--norm", choices=("gn", "bn", "frozen_bn"), default=S,
-                       help="normalisation in backbone, FPN and heads (from-scratch default gn)")
+                       help="normalisation in backbone, FPN and heads (from-scratch default: bn in the backbone, gn elsewhere)")
     model.add_argument("--model-option", metavar="KEY=VALUE", action="append", default=S,
                        help="any ModelConfig field, e.g. box_head=conv or rpn.post_nms_top_n_train=1000 "
                             "(repeatable; VALUE read as YAML)")
@@ -73,7 +73,7 @@ def add_arguments(p) -> None:
 
     run = p.add_argument_group("run")
     run.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:N")
-    run.add_argument("--workers", type=int, default=S, help="data loading processes")
+    run.add_argument("--workers", type=int, default=S, help="data loading processes (default: 0 on CPU, 2 on CUDA)")
     run.add_argument("--threads", type=int, default=S, help="CPU threads per process (default: torch's choice)")
     run.add_argument("--resume", action="store_true", help="continue RUN_DIR/last.pt (exactly where it stopped)")
     run.add_argument("--eval-every", type=int, default=S, metavar="N", help="validate every N iterations")

@@ -55,4 +55,4 @@ class BoxPredictor(nn.Module):
         nn.init.zeros_(self.box_deltas.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return full_precision(self.class_logits, x), full_precision(self.box_deltas, x)
+        return full_precision((self.class_logits, self.box_deltas), x)

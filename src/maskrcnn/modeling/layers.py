@@ -103,14 +103,17 @@ def _folded(conv: nn.Conv2d, norm: nn.Module) -> tuple[torch.Tensor, torch.Tenso
 NORMS = ("frozen_bn", "bn", "gn", None)
 
 
-def full_precision(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x) in float32 even under autocast. For the final prediction layers: logits rounded to
-    bfloat16 (8 significant bits) tie and swap places in the top-k and NMS orderings, which changes which
-    proposals and detections survive; these layers are a tiny share of the compute."""
-    if not torch.is_autocast_enabled(x.device.type):
-        return layer(x)
-    with torch.autocast(x.device.type, enabled=False):
-        return layer(x.float())
+def full_precision(layers: nn.Module | tuple[nn.Module, ...], x: torch.Tensor):
+    """layer(x) in float32 even under autocast (a tuple of layers: a tuple of outputs, with x converted
+    once). For the final prediction layers: logits rounded to bfloat16 (8 significant bits) tie and swap
+    places in the top-k and NMS orderings, which changes which proposals and detections survive; these
+    layers are a tiny share of the compute."""
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return full_precision(layers, x.float())
+    if isinstance(layers, tuple):
+        return tuple(layer(x) for layer in layers)
+    return layers(x)
 
 
 def make_norm(kind: str | None, channels: int) -> nn.Module | None:

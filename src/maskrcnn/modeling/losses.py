@@ -39,11 +39,23 @@ def training_losses(model, images: list[torch.Tensor], targets: list[dict],
     class_logits, box_deltas = model.box_predictor(model.box_head(pooled))
     sums.update(box_losses(class_logits, box_deltas, samples, model.box_coder))
 
-    positive = [s["labels"] > 0 for s in samples]
+    positive = [_mask_rois(s["labels"], cfg.mask_rois_per_image) for s in samples]
     pos_boxes = [s["boxes"][p] for s, p in zip(samples, positive)]
-    mask_logits = model.mask_predictor(model.mask_head(model.mask_pooler(features[:4], pos_boxes, sizes)))
+    pos_labels = torch.cat([s["labels"][p] for s, p in zip(samples, positive)])
+    mask_logits = model.mask_predictor(model.mask_head(model.mask_pooler(features[:4], pos_boxes, sizes)),
+                                       labels=pos_labels)
     sums["loss_mask"] = mask_loss(mask_logits, samples, positive, targets)
     return _normalise(sums)
+
+
+def _mask_rois(labels: torch.Tensor, limit: int | None) -> torch.Tensor:
+    """Which sampled proposals train the mask head: the positives, at most `limit` of them. The sampler
+    lists positives first in random order, so the first `limit` are a random subset. Positives are many
+    near-copies of the same few objects, and the mask head's cost grows with their number."""
+    positive = labels > 0
+    if limit is not None and int(positive.sum()) > limit:
+        positive = positive & (torch.cumsum(positive, 0) <= limit)
+    return positive
 
 
 def _normalise(sums: dict[str, tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
@@ -141,20 +153,17 @@ def box_losses(class_logits: torch.Tensor, box_deltas: torch.Tensor, samples: li
 
 def mask_loss(mask_logits: torch.Tensor, samples: list[dict], positive: list[torch.Tensor],
               targets: list[dict]) -> tuple[torch.Tensor, int]:
-    """BCE between the predicted mask of the true class and the ground-truth mask cropped to the proposal
-    and resampled to 28x28 (RoIAlign on the full-resolution mask)."""
+    """BCE between the predicted mask of the true class, (K, 28, 28) logits, and the ground-truth mask
+    cropped to the proposal and resampled to 28x28 (RoIAlign on the full-resolution mask)."""
     size = mask_logits.shape[-1]
-    crops, labels = [], []
+    crops = []
     for s, p, t in zip(samples, positive, targets):
         boxes, index = s["boxes"][p], s["gt_index"][p]
         if len(boxes) == 0:
             continue
         rois = torch.cat((index[:, None].to(boxes.dtype), boxes), dim=1)
         crops.append(roi_align(t["masks"][:, None].to(boxes.dtype), rois, (size, size), 1.0)[:, 0])
-        labels.append(s["labels"][p])
     if not crops:
         return mask_logits.sum() * 0, 0
-    labels = torch.cat(labels)
-    logits = mask_logits[torch.arange(len(labels), device=labels.device), labels]
-    loss = F.binary_cross_entropy_with_logits(logits, torch.cat(crops), reduction="sum")
-    return loss, logits.numel()
+    loss = F.binary_cross_entropy_with_logits(mask_logits, torch.cat(crops), reduction="sum")
+    return loss, mask_logits.numel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layers import ConvNormAct, full_precision
@@ -36,5 +37,24 @@ class MaskPredictor(nn.Module):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return full_precision(self.logits, torch.relu(self.upsample(x)))
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """(K, C, 14, 14) -> logits for every class (K, classes, 28, 28), or with `labels` (K,) only each
+        RoI's own class (K, 28, 28), which is all the training loss needs: one dot product per pixel
+        instead of a classes-wide convolution and its backward."""
+        x = torch.relu(self._upsample(x))
+        if labels is None:
+            return full_precision(self.logits, x)
+        weight = self.logits.weight[labels, :, 0, 0]  # (K, C)
+        logits = torch.bmm(weight[:, None, :].to(x.dtype), x.flatten(2))  # (K, 1, 28*28)
+        return logits.reshape(len(x), *x.shape[-2:]) + self.logits.bias[labels, None, None]
+
+    def _upsample(self, x: torch.Tensor) -> torch.Tensor:
+        """The 2x2 stride-2 transposed conv. In training it runs as the equivalent 1x1 conv to 4x the
+        channels + pixel shuffle (the same sums, ~1.6x faster with its backward on CPU); inference keeps
+        the transposed conv so that outputs stay bit-identical to torchvision's. (pixel_shuffle's
+        backward fails on an empty batch, e.g. an image without positives: the transposed conv takes it.)"""
+        if not torch.is_grad_enabled() or len(x) == 0:
+            return self.upsample(x)
+        weight, bias = self.upsample.weight, self.upsample.bias  # (C_in, C_out, 2, 2), (C_out,)
+        as_1x1 = weight.permute(1, 2, 3, 0).reshape(-1, weight.shape[0], 1, 1)  # (C_out*4, C_in, 1, 1)
+        return F.pixel_shuffle(F.conv2d(x, as_1x1, bias.repeat_interleave(4)), 2)

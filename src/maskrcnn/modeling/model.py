@@ -50,6 +50,7 @@ class ModelConfig:
     box_bg_iou_thresh: float = 0.5
     box_batch_size_per_image: int = 512
     box_positive_fraction: float = 0.25
+    mask_rois_per_image: int | None = None  # training: mask loss on at most this many positives (None: all)
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100
@@ -167,11 +168,20 @@ class MaskRCNN(nn.Module):
     def predict(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         batch, sizes, _ = self.transform(images)
-        with self._autocast(batch.device), folded_norms(self.precision != "fp32"):
+        reduced = self.precision != "fp32"
+        if reduced:
+            # Channels-last lets oneDNN / cuDNN run half-width convolutions without a layout reorder around
+            # each one (it rounds differently, which is why fp32 keeps torchvision's NCHW).
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with self._autocast(batch.device), folded_norms(reduced):
             features = self.features(batch)
             proposals, _ = self.rpn(features, sizes, batch.shape[-2:])
-            detections = self.detect_boxes(features[:4], proposals, sizes)
-            self.predict_masks(features[:4], detections, sizes)
+            pooled_from = features[:4]
+            if reduced:
+                # RoIAlign runs in fp32 on NCHW maps: convert each level once for both poolers, not per call.
+                pooled_from = [f.to(torch.float32, memory_format=torch.contiguous_format) for f in pooled_from]
+            detections = self.detect_boxes(pooled_from, proposals, sizes)
+            self.predict_masks(pooled_from, detections, sizes)
         return [self.to_input_pixels(d, size, orig) for d, size, orig in zip(detections, sizes, original_sizes)]
 
     def detect_boxes(self, features: list[torch.Tensor], proposals: list[torch.Tensor],
@@ -191,9 +201,14 @@ class MaskRCNN(nn.Module):
             for d in detections:
                 d["mask_probs"] = features[0].new_zeros((0, 28, 28))
             return
-        logits = self.mask_predictor(self.mask_head(self.mask_pooler(features, boxes, sizes)))
         labels = torch.cat([d["labels"] for d in detections])
-        probs = logits[torch.arange(len(labels), device=labels.device), labels].float().sigmoid()
+        mask_features = self.mask_head(self.mask_pooler(features, boxes, sizes))
+        if self.precision == "fp32":
+            logits = self.mask_predictor(mask_features)  # every class, as torchvision: bit-identical masks
+            logits = logits[torch.arange(len(labels), device=labels.device), labels]
+        else:
+            logits = self.mask_predictor(mask_features, labels=labels)  # only the detected class: less work
+        probs = logits.float().sigmoid()
         for d, p in zip(detections, probs.split([len(b) for b in boxes])):
             d["mask_probs"] = p
 

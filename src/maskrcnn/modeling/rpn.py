@@ -33,8 +33,9 @@ class RPNHead(nn.Module):
             x = self.conv(x)
             n, _, h, w = x.shape
             a = self.objectness.out_channels
-            logits.append(full_precision(self.objectness, x).permute(0, 2, 3, 1).reshape(n, -1))
-            deltas.append(full_precision(self.box_deltas, x).view(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
+            objectness, box_deltas = full_precision((self.objectness, self.box_deltas), x)
+            logits.append(objectness.permute(0, 2, 3, 1).reshape(n, -1))
+            deltas.append(box_deltas.view(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
         return logits, deltas
 
 
