@@ -238,13 +238,12 @@ def main() -> None:
     p.add_argument("--agreement-images", help="images for --agreement-weights")
     p.add_argument("--agreement-num-images", type=int, default=60)
     p.add_argument("--agreement-score-thresh", type=float, default=0.05)
-    p.add_argument("--skip-inference", action="store_true", help="skip the torchvision comparison")
     args = p.parse_args()
     if bool(args.agreement_weights) != bool(args.agreement_images):
         p.error("--agreement-weights and --agreement-images go together")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not (args.train_only or args.skip_inference):
+    if not args.train_only:
         inference(args)
     if args.agreement_weights:
         trained_agreement(args)

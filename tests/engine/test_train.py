@@ -186,6 +186,12 @@ def test_bad_settings_are_one_clear_error(shapes, tmp_path):
         train(tiny_config(shapes, tmp_path / "run", amp=True), progress=False)
     with pytest.raises(MaskRCNNError, match="no training checkpoint to resume"):
         train(tiny_config(shapes, tmp_path / "nothing-here"), resume=True, progress=False)
+    for bad in (0, "16"):  # 0 would silently train no mask at all
+        with pytest.raises(MaskRCNNError, match="bad model settings: mask_rois_per_image must be a positive"):
+            train(tiny_config(shapes, tmp_path / "run", model={**TINY_MODEL, "mask_rois_per_image": bad}),
+                  progress=False)
+    with pytest.raises(MaskRCNNError, match="bad model settings: unknown box head 'fc'"):
+        train(tiny_config(shapes, tmp_path / "run", model={**TINY_MODEL, "box_head": "fc"}), progress=False)
 
 
 # ---------------------------------------------------------------------------------------------- outputs

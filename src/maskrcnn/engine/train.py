@@ -296,9 +296,9 @@ def build_training_model(config: TrainConfig, num_classes: int, class_names: lis
         try:
             model_config = arch_config(config.arch, num_classes,
                                        **merge_model_options(config.scratch_model, size, config.model))
+            model = MaskRCNN(model_config, list(class_names), list(category_ids))
         except (TypeError, ValueError) as e:
             raise MaskRCNNError(f"bad model settings: {e}") from None
-        model = MaskRCNN(model_config, list(class_names), list(category_ids))
         return model, f"{config.arch} from scratch ({num_classes} classes)"
 
     state, init_config, init_names, _ = read_checkpoint(config.init)

@@ -131,6 +131,11 @@ class MaskRCNN(nn.Module):
             self.box_head = ConvFCBoxHead(c.fpn_channels, 7, hidden=c.box_head_hidden, norm=c.head_norm)
         else:
             raise ValueError(f"unknown box head {c.box_head!r}; choose 'mlp' or 'conv'")
+        if c.mask_rois_per_image is not None and (not isinstance(c.mask_rois_per_image, int)
+                                                  or isinstance(c.mask_rois_per_image, bool)
+                                                  or c.mask_rois_per_image < 1):
+            raise ValueError(f"mask_rois_per_image must be a positive integer or None (all positives), "
+                             f"got {c.mask_rois_per_image!r}")
         self.box_predictor = BoxPredictor(self.box_head.out_features, c.num_classes)
         self.box_coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
         self.mask_pooler = MultiLevelRoIAlign(14, sampling_ratio=2)
