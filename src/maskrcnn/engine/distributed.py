@@ -8,6 +8,7 @@ Multi-node runs need nothing special: torchrun's --nnodes/--rdzv flags set the s
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -98,9 +99,17 @@ def broadcast_object(value, src: int = 0):
     return box[0]
 
 
-def cleanup() -> None:
-    """End the process group if setup() started it; one the caller created is the caller's to end."""
+def cleanup(finished: bool = True) -> None:
+    """End the process group if setup() started it; one the caller created is the caller's to end.
+
+    After a normal finish all processes meet at a barrier first, so none closes its connections while a
+    peer is still receiving; objects in reference cycles that still hold the group (a DDP model) are freed
+    now rather than during interpreter shutdown, when gloo's threads can abort the process. After an
+    error there is no barrier: the peers may be inside another collective, and torchrun stops them."""
     global _created_group
     if _created_group and is_initialized():
+        gc.collect()
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
     _created_group = False

@@ -360,10 +360,13 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     if config.threads:
         torch.set_num_threads(config.threads)
     info, device = distributed.setup(config.device)
+    finished = False
     try:
-        return _Trainer(resolve_defaults(config, device), info, device, resume, progress).run(stop_after)
+        summary = _Trainer(resolve_defaults(config, device), info, device, resume, progress).run(stop_after)
+        finished = True
+        return summary
     finally:
-        distributed.cleanup()
+        distributed.cleanup(finished)
         torch.set_num_threads(threads_before)
 
 
