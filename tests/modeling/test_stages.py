@@ -156,14 +156,17 @@ def test_training_roi_align_matches_torchvision():
     boxes[0] = torch.tensor([3.0, 3.0, 3.2, 3.1])  # smaller than one cell: clamped to size 1
     rois = torch.cat((torch.randint(0, 2, (40, 1), generator=g).float(), boxes), 1)
     grads = []
-    for fn in (reference, roi_align):
-        x = feats.clone().requires_grad_(True)
+    # ours on NCHW and on channels-last maps (training runs channels-last on CPU)
+    for fn, layout in ((reference, torch.contiguous_format), (roi_align, torch.contiguous_format),
+                       (roi_align, torch.channels_last)):
+        x = feats.clone().contiguous(memory_format=layout).requires_grad_(True)
         out = fn(x, rois, 7, 0.25, 2)
         out.backward(torch.arange(out.numel(), dtype=torch.float32).reshape(out.shape) % 7 - 3)
         grads.append((out.detach(), x.grad))
     assert grads[0][0].abs().max() > 0 and grads[0][1].abs().max() > 0
-    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
-    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
+    for out, grad in grads[1:]:
+        assert torch.allclose(grads[0][0], out, atol=1e-5)
+        assert torch.allclose(grads[0][1], grad, atol=1e-5)
 
 
 def test_folded_norms_give_the_same_features():
@@ -188,6 +191,33 @@ def test_folded_norms_give_the_same_features():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item())
     assert not torch.allclose(folded[0], refolded[0])
     assert torch.allclose(changed[0], refolded[0], rtol=1e-4, atol=1e-4 * changed[0].abs().max().item())
+
+
+def test_frozen_norm_folded_in_training_gives_the_same_outputs_and_gradients():
+    """With gradients on, conv + frozen BN runs as one conv with scaled weights; autograd must still
+    deliver the unfolded computation's gradients to the conv weight and the input."""
+    from maskrcnn.modeling.layers import conv_norm
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    norm = FrozenBatchNorm2d(6)
+    norm.running_mean.uniform_(-0.5, 0.5)
+    norm.running_var.uniform_(0.5, 2.0)
+    norm.weight.uniform_(0.5, 1.5)
+    norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 4, 9, 11)
+    results = []
+    for fn in (lambda inp: norm(conv(inp)), lambda inp: conv_norm(conv, norm, inp)):
+        conv.weight.grad = None
+        inp = x.clone().requires_grad_(True)
+        out = fn(inp)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results.append((out.detach(), inp.grad, conv.weight.grad.clone()))
+    (plain, plain_dx, plain_dw), (folded, folded_dx, folded_dw) = results
+    assert plain_dw.abs().max() > 0
+    assert torch.allclose(plain, folded, atol=1e-5)
+    assert torch.allclose(plain_dx, folded_dx, atol=1e-5)
+    assert torch.allclose(plain_dw, folded_dw, atol=1e-5)
 
 
 def test_training_roi_align_under_bf16_autocast_keeps_dtypes():
@@ -252,6 +282,23 @@ def test_bf16_inference_returns_fp32_detections_in_the_image():
         assert bf16["boxes"][:, 2].max() <= image.shape[-1] and bf16["boxes"][:, 3].max() <= image.shape[-2]
     for a, b in zip(before, after):
         assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["masks"], b["masks"])
+
+
+def test_mask_predictor_detected_class_logits_on_channels_last_input():
+    """The bf16 path feeds the mask head channels-last; the detected-class logits must equal the
+    all-classes logits picked at each RoI's label, whatever the layout."""
+    from maskrcnn.modeling.mask_head import MaskPredictor
+
+    torch.manual_seed(0)
+    predictor = MaskPredictor(16, 5, 8).eval()
+    x = torch.randn(6, 16, 14, 14)
+    labels = torch.tensor([0, 4, 2, 2, 1, 3])
+    with torch.no_grad():
+        every = predictor(x)[torch.arange(6), labels]
+        plain = predictor(x, labels=labels)
+        channels_last = predictor(x.contiguous(memory_format=torch.channels_last), labels=labels)
+    assert torch.allclose(every, plain, atol=1e-5)
+    assert torch.allclose(every, channels_last, atol=1e-5)
 
 
 def test_mask_predictor_training_path_takes_zero_rois():

@@ -28,6 +28,10 @@ def training_losses(model, images: list[torch.Tensor], targets: list[dict],
     _check_targets(images, targets)
     generators = generators or [None] * len(images)
     batch, sizes, targets = model.transform(images, targets)
+    if batch.device.type == "cpu":
+        # oneDNN's channels-last convolutions train ~1.4x faster than NCHW ones on CPU (forward and
+        # backward; benchmarks/README.md), and RoIAlign reads channels-last feature rows without a copy.
+        batch = batch.contiguous(memory_format=torch.channels_last)
     features = model.features(batch)
     proposals, rpn_out = model.rpn(features, sizes, batch.shape[-2:])
     sums = rpn_losses(model.rpn, rpn_out, targets, generators)

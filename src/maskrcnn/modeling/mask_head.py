@@ -44,9 +44,13 @@ class MaskPredictor(nn.Module):
         x = torch.relu(self._upsample(x))
         if labels is None:
             return full_precision(self.logits, x)
-        weight = self.logits.weight[labels, :, 0, 0]  # (K, C)
-        logits = torch.bmm(weight[:, None, :].to(x.dtype), x.flatten(2))  # (K, 1, 28*28)
-        return logits.reshape(len(x), *x.shape[-2:]) + self.logits.bias[labels, None, None]
+        weight = self.logits.weight[labels, :, 0, 0].to(x.dtype)  # (K, C)
+        k, c, h, w = x.shape
+        if c > 1 and x.is_contiguous(memory_format=torch.channels_last):
+            logits = torch.bmm(x.permute(0, 2, 3, 1).reshape(k, h * w, c), weight[:, :, None])  # a view: no copy
+        else:
+            logits = torch.bmm(weight[:, None, :], x.flatten(2))  # (K, 1, 28*28)
+        return logits.reshape(k, h, w) + self.logits.bias[labels, None, None]
 
     def _upsample(self, x: torch.Tensor) -> torch.Tensor:
         """The 2x2 stride-2 transposed conv. In training it runs as the equivalent 1x1 conv to 4x the
