@@ -74,9 +74,7 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module | None, x: torch.Tensor) -> torch
         # Training (fine-tuning with a frozen backbone norm): fold on the fly, through autograd. The conv's
         # weight gradient then passes through one weight-sized multiply, while the two activation-sized
         # passes forward (scale, shift) and the one backward disappear: ~12% of a ResNet-50 step on CPU.
-        scale, shift = _scale_and_shift(norm)
-        weight = conv.weight * scale.reshape(-1, 1, 1, 1)
-        bias = shift if conv.bias is None else shift + conv.bias * scale
+        weight, bias = _fold(conv, norm)
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if not _FOLD_NORMS.get():
         if isinstance(norm, FrozenBatchNorm2d):
@@ -94,9 +92,7 @@ def _folded(conv: nn.Conv2d, norm: nn.Module) -> tuple[torch.Tensor, torch.Tenso
     key = tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in tensors)
     cached = getattr(norm, "_folded_cache", None)
     if cached is None or cached[0] != key:
-        scale, shift = _scale_and_shift(norm)
-        weight = conv.weight * scale.reshape(-1, 1, 1, 1)
-        bias = shift if conv.bias is None else shift + conv.bias * scale
+        weight, bias = _fold(conv, norm)
         weight = weight.contiguous(memory_format=torch.channels_last) if conv.weight.is_contiguous(
             memory_format=torch.channels_last) and conv.weight.shape[-1] > 1 else weight
         cached = (key, weight, bias)
@@ -104,12 +100,15 @@ def _folded(conv: nn.Conv2d, norm: nn.Module) -> tuple[torch.Tensor, torch.Tenso
     return cached[1], cached[2]
 
 
-def _scale_and_shift(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-channel affine map a frozen or eval-mode BatchNorm applies."""
+def _fold(conv: nn.Conv2d, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of the one conv equal to norm(conv(x)) for a frozen or eval-mode BatchNorm."""
     if isinstance(norm, FrozenBatchNorm2d):
-        return norm.scale_and_shift()
-    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
-    return scale, norm.bias - norm.running_mean * scale
+        scale, shift = norm.scale_and_shift()
+    else:
+        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+        shift = norm.bias - norm.running_mean * scale
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    return weight, shift if conv.bias is None else shift + conv.bias * scale
 
 
 NORMS = ("frozen_bn", "bn", "gn", None)
