@@ -201,7 +201,8 @@ class MaskRCNN(nn.Module):
 
     def predict_masks(self, features: list[torch.Tensor], detections: list[dict],
                       sizes: list[tuple[int, int]], exact: bool = True) -> None:
-        """Adds `mask_probs` (K, 28, 28): the sigmoid of the detected class's mask logits."""
+        """Adds `mask_probs` (K, 28, 28): the sigmoid of the detected class's mask logits. exact=False (the
+        reduced-precision path) pools inexactly, runs the mask head channels-last and computes only that class."""
         boxes = [d["boxes"] for d in detections]
         if sum(len(b) for b in boxes) == 0:
             for d in detections:
@@ -213,7 +214,7 @@ class MaskRCNN(nn.Module):
             # the mask head's four 3x3 convs are ~20% of a ResNet-50 model's FLOPs: channels-last for them too
             pooled = pooled.contiguous(memory_format=torch.channels_last)
         mask_features = self.mask_head(pooled)
-        if self.precision == "fp32":
+        if exact:
             logits = self.mask_predictor(mask_features)  # every class, as torchvision: bit-identical masks
             logits = logits[torch.arange(len(labels), device=labels.device), labels]
         else:
