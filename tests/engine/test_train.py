@@ -63,12 +63,13 @@ def test_auto_settings_resolve_by_run_kind():
     from maskrcnn.engine.train import resolve_defaults
 
     scratch = resolve_defaults(TrainConfig(iters=5, epochs=None), torch.device("cpu"))
-    assert (scratch.optimizer, scratch.lr, scratch.weight_decay) == ("adamw", 1e-3, 0.05)
+    assert (scratch.optimizer, scratch.lr, scratch.weight_decay, scratch.schedule) == ("adamw", 1e-3, 0.05, "constant")
+    assert lr_factor(999, 1000, scratch) == 1.0  # after warm-up, no decay to the end of a from-scratch run
     finetune = resolve_defaults(TrainConfig(iters=5, epochs=None, init="w.pth"), torch.device("cpu"))
-    assert (finetune.optimizer, finetune.lr, finetune.weight_decay) == ("sgd", 0.02, 1e-4)
-    pinned = resolve_defaults(TrainConfig(iters=5, epochs=None, optimizer="sgd", lr=0.1, bf16=False),
+    assert (finetune.optimizer, finetune.lr, finetune.weight_decay, finetune.schedule) == ("sgd", 0.02, 1e-4, "cosine")
+    pinned = resolve_defaults(TrainConfig(iters=5, epochs=None, optimizer="sgd", lr=0.1, bf16=False, schedule="step"),
                               torch.device("cpu"))
-    assert (pinned.optimizer, pinned.lr, pinned.bf16) == ("sgd", 0.1, False)
+    assert (pinned.optimizer, pinned.lr, pinned.bf16, pinned.schedule) == ("sgd", 0.1, False, "step")
     assert resolve_defaults(TrainConfig(iters=5, epochs=None), torch.device("cpu")).bf16 == bool(
         torch.cpu._is_avx512_bf16_supported())
 

@@ -53,7 +53,8 @@ def add_arguments(p) -> None:
     opt.add_argument("--lr", type=float, default=S, help="peak learning rate")
     opt.add_argument("--weight-decay", type=float, default=S)
     opt.add_argument("--warmup-iters", type=int, default=S)
-    opt.add_argument("--schedule", choices=("cosine", "step", "constant"), default=S)
+    opt.add_argument("--schedule", choices=("auto", "cosine", "step", "constant"), default=S,
+                     help="lr after warm-up; auto (default): constant from scratch, cosine decay when fine-tuning")
     opt.add_argument("--grad-clip", type=float, default=S, metavar="NORM", help="max gradient norm (0: off)")
     opt.add_argument("--amp", action="store_true", default=S, help="CUDA float16 mixed precision")
     opt.add_argument("--bf16", action="store_true", default=S,
