@@ -74,6 +74,13 @@ def test_auto_settings_resolve_by_run_kind():
         torch.cpu._is_avx512_bf16_supported())
 
 
+def test_unknown_schedule_is_a_clear_error(tmp_path):
+    from maskrcnn.engine.train import train
+
+    with pytest.raises(MaskRCNNError, match="schedule must be auto, cosine, step or constant, got 'linear'"):
+        train(TrainConfig(out=str(tmp_path / "run"), iters=1, epochs=None, schedule="linear"), progress=False)
+
+
 def test_config_round_trip_and_unknown_keys(tmp_path):
     config = TrainConfig(iters=5, epochs=None, min_sizes=(96, 128))
     again = TrainConfig.from_dict(json.loads(json.dumps(config.to_dict())))
