@@ -108,10 +108,12 @@ def test_config_file_flags_and_cli_resume(shapes, tmp_path, one_thread):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(config))
     run = tmp_path / "run"
-    code, out, err = run_cli(["train", "--config", str(path), "--iters", "2", "--out", str(run), "--no-progress"])
+    code, out, err = run_cli(["train", "--config", str(path), "--iters", "2", "--out", str(run), "--no-progress",
+                              "--cooldown", "0.25", "--ema", "0"])
     assert code == 0, err
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["iters"] == 2 and saved["epochs"] is None and saved["lr"] == 0.005
+    assert saved["cooldown"] == 0.25 and saved["ema_decay"] is None  # --ema 0: no weight average
     assert saved["model"]["fpn_channels"] == 32
 
     code, out, err = run_cli(["train", "--out", str(run), "--resume", "--iters", "3", "--no-progress"])

@@ -23,7 +23,7 @@ TINY_MODEL = {"fpn_channels": 32, "mask_head_channels": 32, "box_head_hidden": 6
                       "pre_nms_top_n_test": 100, "post_nms_top_n_test": 50},
               "anchor_sizes": [16, 32, 64, 128, 256],
               # batch-independent normalisation: with BatchNorm each process would normalise over its own images
-              "backbone_norm": "gn"}
+              "backbone_norm": "gn", "fpn_norm": "gn", "head_norm": "gn"}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def tiny_config(shapes, out, **changes) -> TrainConfig:
     config = TrainConfig(train_annotations=shapes["train_annotations"], train_images=shapes["train_images"],
                          out=str(out), iters=7, epochs=None, batch_size=2, lr=0.01, warmup_iters=3, optimizer="sgd", bf16=False,
                          min_sizes=(64, 80), max_size=107, num_workers=0, checkpoint_every=3, log_every=1,
-                         eval_every=None, device="cpu", model=dict(TINY_MODEL), seed=5)
+                         eval_every=None, device="cpu", model=dict(TINY_MODEL), seed=5, ema_decay=0.9)
     for key, value in changes.items():
         setattr(config, key, value)
     return config
@@ -59,15 +59,20 @@ def test_resume_is_bit_exact(shapes, tmp_path, one_thread):
     second = train(interrupted, resume=True, progress=False)
     assert second["completed"] and second["iterations"] == 7
 
+    # model.safetensors is the weight average (ema_decay), so it also checks that the average resumed exactly
     a = load_file(tmp_path / "straight" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model.safetensors")
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
 
-    # The optimizer state (momentum) must match too, or the runs would diverge from here on.
+    # The raw weights and the optimizer state (momentum) must match too, or the runs would diverge from here on.
     sa = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     sb = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    assert sa["ema"]["updates"] == sb["ema"]["updates"] == 7
+    averaged = [k for k in a if a[k].is_floating_point() and not torch.equal(a[k], sa["model"][k])]
+    assert averaged, "the saved weights should be the average, not the last step's"
     for key, state in sa["optimizer"]["state"].items():
         assert torch.equal(state["momentum_buffer"], sb["optimizer"]["state"][key]["momentum_buffer"])
 

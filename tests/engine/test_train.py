@@ -59,12 +59,37 @@ def test_lr_step_schedule_takes_fractions_or_iterations():
     assert [lr_factor(i, 100, iterations) for i in (29, 30, 60)] == pytest.approx([1, 0.1, 0.01])
 
 
+def test_constant_lr_with_cooldown_falls_linearly_to_zero():
+    c = TrainConfig(iters=100, epochs=None, warmup_iters=10, warmup_factor=0.001, schedule="constant", cooldown=0.2)
+    assert [lr_factor(i, 100, c) for i in (10, 50, 80, 90, 95, 100)] == pytest.approx([1, 1, 1, 0.5, 0.25, 0])
+    assert lr_factor(5, 100, c) == pytest.approx(0.001 * 0.5 + 0.5)  # warm-up unchanged
+    held = config_with(c, {"cooldown": 0.0})
+    assert lr_factor(99, 100, held) == 1.0
+
+
+def test_loss_weights_scale_what_each_head_learns(shapes, tmp_path):
+    """With the mask loss weighted 0 (plain SGD, no weight decay) the mask predictor does not move at all,
+    while the rest of the model trains; at weight 1 it moves."""
+    def mask_predictor_moved(weights, name):
+        config = tiny_config(shapes, tmp_path / name, weight_decay=0.0, iters=2, loss_weights=weights, ema_decay=None)
+        model = build_training_model(config, 7, [f"c{i}" for i in range(7)], list(range(7)))[0]
+        init = {k: v.clone() for k, v in model.state_dict().items()}
+        train(config, progress=False)
+        final = maskrcnn.load(str(tmp_path / name / "model.safetensors")).state_dict()
+        moved = {k for k in init if not torch.equal(init[k], final[k])}
+        return any(k.startswith("mask_predictor.") for k in moved), any(k.startswith("box_predictor.") for k in moved)
+
+    assert mask_predictor_moved({"loss_mask": 0.0}, "no_mask") == (False, True)
+    assert mask_predictor_moved({}, "all") == (True, True)
+
+
 def test_auto_settings_resolve_by_run_kind():
     from maskrcnn.engine.train import resolve_defaults
 
     scratch = resolve_defaults(TrainConfig(iters=5, epochs=None), torch.device("cpu"))
     assert (scratch.optimizer, scratch.lr, scratch.weight_decay, scratch.schedule) == ("adamw", 1e-3, 0.05, "constant")
-    assert lr_factor(999, 1000, scratch) == 1.0  # after warm-up, no decay to the end of a from-scratch run
+    # after warm-up the lr holds until the last 20% of a from-scratch run, then falls linearly to 0
+    assert [lr_factor(i, 1000, scratch) for i in (100, 800, 900, 1000)] == pytest.approx([1, 1, 0.5, 0])
     finetune = resolve_defaults(TrainConfig(iters=5, epochs=None, init="w.pth"), torch.device("cpu"))
     assert (finetune.optimizer, finetune.lr, finetune.weight_decay, finetune.schedule) == ("sgd", 0.02, 1e-4, "cosine")
     pinned = resolve_defaults(TrainConfig(iters=5, epochs=None, optimizer="sgd", lr=0.1, bf16=False, schedule="step"),
@@ -198,6 +223,10 @@ def test_bad_settings_are_one_clear_error(shapes, tmp_path):
         with pytest.raises(MaskRCNNError, match="bad model settings: mask_rois_per_image must be a positive"):
             train(tiny_config(shapes, tmp_path / "run", model={**TINY_MODEL, "mask_rois_per_image": bad}),
                   progress=False)
+    with pytest.raises(MaskRCNNError, match="cooldown must be a fraction of the run between 0 and 1, got 1.5"):
+        train(tiny_config(shapes, tmp_path / "run", cooldown=1.5), progress=False)
+    with pytest.raises(MaskRCNNError, match="ema_decay must be between 0 and 1"):
+        train(tiny_config(shapes, tmp_path / "run", ema_decay=1.0), progress=False)
     with pytest.raises(MaskRCNNError, match="bad model settings: unknown box head 'fc'"):
         train(tiny_config(shapes, tmp_path / "run", model={**TINY_MODEL, "box_head": "fc"}), progress=False)
 

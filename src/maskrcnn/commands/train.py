@@ -18,7 +18,8 @@ _DIRECT = {
     "val_annotations": "val_annotations", "val_images": "val_images", "arch": "arch", "out": "out",
     "init": "init", "iters": "iters", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
     "optimizer": "optimizer",
-    "weight_decay": "weight_decay", "warmup_iters": "warmup_iters", "schedule": "schedule", "device": "device",
+    "weight_decay": "weight_decay", "warmup_iters": "warmup_iters", "schedule": "schedule", "cooldown": "cooldown",
+    "device": "device",
     "workers": "num_workers", "threads": "threads", "min_size": "min_sizes", "max_size": "max_size", "lsj": "lsj", "seed": "seed",
     "eval_every": "eval_every", "checkpoint_every": "checkpoint_every", "log_every": "log_every",
 }
@@ -54,7 +55,13 @@ def add_arguments(p) -> None:
     opt.add_argument("--weight-decay", type=float, default=S)
     opt.add_argument("--warmup-iters", type=int, default=S)
     opt.add_argument("--schedule", choices=("auto", "cosine", "step", "constant"), default=S,
-                     help="lr after warm-up; auto (default): constant from scratch, cosine decay when fine-tuning")
+                     help="lr after warm-up; auto (default): constant from scratch (see --cooldown), cosine decay "
+                          "when fine-tuning")
+    opt.add_argument("--cooldown", type=float, default=S, metavar="FRACTION",
+                     help="constant schedule: the lr falls linearly to 0 over this last fraction of the run "
+                          "(default 0.2; 0: none)")
+    opt.add_argument("--ema", type=float, default=S, metavar="DECAY",
+                     help="evaluate and save a moving average of the weights with this decay (0: the raw weights)")
     opt.add_argument("--grad-clip", type=float, default=S, metavar="NORM", help="max gradient norm (0: off)")
     opt.add_argument("--amp", action="store_true", default=S, help="CUDA float16 mixed precision")
     opt.add_argument("--bf16", action="store_true", default=S,
@@ -129,6 +136,8 @@ def build_config(args):
         changes["min_sizes"] = tuple(changes["min_sizes"])
     if hasattr(args, "grad_clip"):
         changes["grad_clip"] = args.grad_clip or None
+    if hasattr(args, "ema"):
+        changes["ema_decay"] = args.ema or None
     if hasattr(args, "amp"):
         changes["amp"] = True
     if hasattr(args, "bf16") and hasattr(args, "fp32"):
