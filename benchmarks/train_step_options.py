@@ -1,0 +1,99 @@
+"""Training-step time of recipe options, side by side in one process: each option gets its own trainer on
+the same data and, with --weights, the same trained starting weights (later in a run there are more
+positive RoIs than at the start, so a fresh model times the cheap early steps). The options take turns
+step by step, so a slow minute of a noisy machine slows them all alike.
+
+    python benchmarks/train_step_options.py --annotations data/shapes/annotations/instances_train.json \\
+        --images data/shapes/train --weights runs/shapes/model.safetensors
+
+Options are TrainConfig changes on top of the defaults, as JSON: --option NAME='{"model": {...}}'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import torch
+
+from maskrcnn.engine import distributed
+from maskrcnn.engine.train import TrainConfig, _Trainer, config_with, resolve_defaults, sampling_generators
+
+DEFAULT_OPTIONS = {
+    "default": {},
+    "gn_fpn_and_heads": {"model": {"fpn_norm": "gn", "head_norm": "gn"}},
+    "mask_rois_32": {"model": {"mask_rois_per_image": 32}},
+    "box_rois_64": {"model": {"box_batch_size_per_image": 64}},
+    "rpn_top_500": {"model": {"rpn": {"pre_nms_top_n_train": 500, "post_nms_top_n_train": 500}}},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--annotations", required=True)
+    p.add_argument("--images", required=True)
+    p.add_argument("--weights", help="safetensors of a trained model with the default architecture")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=JSON")
+    p.add_argument("--steps", type=int, default=12, help="timed steps per option (after 2 warm-up steps)")
+    args = p.parse_args()
+    options = dict(DEFAULT_OPTIONS)
+    for item in args.option:
+        name, _, text = item.partition("=")
+        options[name] = json.loads(text)
+
+    info, device = distributed.setup("cpu")
+    state = None
+    if args.weights:
+        from safetensors.torch import load_file
+
+        state = load_file(args.weights)
+    steps = {}
+    with tempfile.TemporaryDirectory() as out:
+        for name, changes in options.items():
+            base = TrainConfig(train_annotations=args.annotations, train_images=args.images, out=out, iters=600,
+                               epochs=None, batch_size=4)
+            trainer = _Trainer(resolve_defaults(config_with(base, changes), device), info, device, False, False)
+            if state is not None:
+                # strict=False: a GroupNorm option has no running statistics to take; it takes the affine
+                # weights, which is all its timing needs
+                trainer.model.load_state_dict(state, strict=False)
+            steps[name] = _stepper(trainer, device)
+        times = {name: [] for name in steps}
+        for i in range(args.steps + 2):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                step(i)
+                if i >= 2:
+                    times[name].append(time.perf_counter() - start)
+    base = _median(times["default"]) if "default" in times else None
+    print(f"median seconds per training step over {args.steps} steps, batch 4, {torch.get_num_threads()} threads")
+    for name, values in times.items():
+        ratio = f"  {_median(values) / base:.2f}x the default" if base else ""
+        print(f"{name:20s} {_median(values):.3f}{ratio}")
+
+
+def _stepper(trainer, device):
+    batches = trainer._local_batches(0)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(trainer.config.bf16))
+
+    def step(i: int) -> None:
+        images, targets = next(batches)
+        generators = sampling_generators(0, i, range(len(images)), device)
+        with autocast:
+            losses = trainer.trained(images, targets, generators=generators)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        trainer.optimizer.step()
+
+    return step
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+if __name__ == "__main__":
+    main()
