@@ -81,6 +81,10 @@ def test_loss_weights_scale_what_each_head_learns(shapes, tmp_path):
 
     assert mask_predictor_moved({"loss_mask": 0.0}, "no_mask") == (False, True)
     assert mask_predictor_moved({}, "all") == (True, True)
+    from maskrcnn.engine.train import LOSS_NAMES
+
+    logged = [r for r in read_metrics(tmp_path / "all" / "metrics.jsonl") if r["type"] == "train"][-1]
+    assert set(LOSS_NAMES) == {k for k in logged if k.startswith("loss_")}  # the names loss_weights accepts
 
 
 def test_auto_settings_resolve_by_run_kind():
@@ -225,6 +229,8 @@ def test_bad_settings_are_one_clear_error(shapes, tmp_path):
                   progress=False)
     with pytest.raises(MaskRCNNError, match="cooldown must be a fraction of the run between 0 and 1, got 1.5"):
         train(tiny_config(shapes, tmp_path / "run", cooldown=1.5), progress=False)
+    with pytest.raises(MaskRCNNError, match=r"loss_weights: unknown losses \['loss_cls'\]"):
+        train(tiny_config(shapes, tmp_path / "run", loss_weights={"loss_cls": 2.0}), progress=False)
     with pytest.raises(MaskRCNNError, match="ema_decay must be between 0 and 1"):
         train(tiny_config(shapes, tmp_path / "run", ema_decay=1.0), progress=False)
     with pytest.raises(MaskRCNNError, match="bad model settings: unknown box head 'fc'"):

@@ -35,7 +35,7 @@ class WeightAverage:
         self.updates += 1
         keep = self.current_decay()
         averaged, current, copied, sources = [], [], [], []
-        for (name, mine), theirs in zip(self.model.state_dict().items(), model.state_dict().values()):
+        for mine, theirs in zip(self.model.state_dict().values(), model.state_dict().values()):
             if mine.is_floating_point():
                 averaged.append(mine)
                 current.append(theirs.detach())

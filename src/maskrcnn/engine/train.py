@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader
 
 from ..errors import MaskRCNNError
 from . import distributed
-from .ema import WeightAverage
 from .checkpoint import TRAIN_FORMAT_TAG, atomic_torch_save, read_training_checkpoint
+from .ema import WeightAverage
 
 # Independent random streams derived from the one run seed (see the module docstring).
 _DATA_ORDER, _AUGMENT, _SAMPLING, _STEP, _INIT = 1, 2, 3, 4, 5
@@ -44,6 +44,9 @@ CLASS_DEPENDENT_KEYS = {
     "box_predictor.box_deltas.weight": 4, "box_predictor.box_deltas.bias": 4,
     "mask_predictor.logits.weight": 1, "mask_predictor.logits.bias": 1,
 }
+
+# What the model returns in training mode (maskrcnn/modeling/losses.py), the keys of loss_weights.
+LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
 
 # Settings that change what a run computes; changing one on --resume means the run no longer matches an
 # uninterrupted one (allowed, e.g. to extend a run, but reported).
@@ -80,7 +83,7 @@ class TrainConfig:
         # half of the RoIs positive: the box classifier is what lags behind when training from scratch
         # (segm AP 0.241 -> 0.258 on the shapes data, benchmarks/README.md). The mask head's cost grows with
         # every positive, and the positives are near-copies of a few objects: 16 per image instead of 32
-        # made a trained model's step 1.2x faster for segm AP 0.488 -> 0.468 (benchmarks/README.md)
+        # made a trained model's step 1.3x faster for segm AP 0.488 -> 0.468 (benchmarks/README.md)
         "box_positive_fraction": 0.5, "mask_rois_per_image": 16,
         # anchors for objects of 10-200 px (small images); the COCO sizes start at 32 px
         "anchor_sizes": [16, 32, 64, 128, 256],
@@ -423,6 +426,9 @@ def _check_config(c: TrainConfig) -> None:
         problems.append(f"schedule must be auto, cosine, step or constant, got {c.schedule!r}")
     if c.amp and c.bf16 is True:
         problems.append("choose one of amp (float16) and bf16")
+    unknown_losses = sorted(set(c.loss_weights) - set(LOSS_NAMES))
+    if unknown_losses:
+        problems.append(f"loss_weights: unknown losses {unknown_losses}; the losses are {list(LOSS_NAMES)}")
     if not 0.0 <= c.cooldown <= 1.0:
         problems.append(f"cooldown must be a fraction of the run between 0 and 1, got {c.cooldown}")
     if c.ema_decay is not None and not 0.0 < c.ema_decay < 1.0:
