@@ -233,6 +233,10 @@ def test_bad_settings_are_one_clear_error(shapes, tmp_path):
         train(tiny_config(shapes, tmp_path / "run", loss_weights={"loss_cls": 2.0}), progress=False)
     with pytest.raises(MaskRCNNError, match="ema_decay must be between 0 and 1"):
         train(tiny_config(shapes, tmp_path / "run", ema_decay=1.0), progress=False)
+    plain = tiny_config(shapes, tmp_path / "plain")
+    train(plain, stop_after=2, progress=False)
+    with pytest.raises(MaskRCNNError, match=r"last.pt: optimizer state does not fit this run \(.*no weight average"):
+        train(config_with(plain, {"ema_decay": 0.9}), resume=True, progress=False)
     with pytest.raises(MaskRCNNError, match="bad model settings: unknown box head 'fc'"):
         train(tiny_config(shapes, tmp_path / "run", model={**TINY_MODEL, "box_head": "fc"}), progress=False)
 
