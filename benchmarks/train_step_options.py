@@ -19,7 +19,7 @@ import time
 import torch
 
 from maskrcnn.engine import distributed
-from maskrcnn.engine.train import TrainConfig, _Trainer, config_with, resolve_defaults, sampling_generators
+from maskrcnn.engine.train import TrainConfig, _Trainer, config_with, resolve_defaults
 
 DEFAULT_OPTIONS = {
     "default": {},
@@ -59,7 +59,7 @@ def main() -> None:
                 # strict=False: a GroupNorm option has no running statistics to take; it takes the affine
                 # weights, which is all its timing needs
                 trainer.model.load_state_dict(state, strict=False)
-            steps[name] = _stepper(trainer, device)
+            steps[name] = _stepper(trainer)
         times = {name: [] for name in steps}
         for i in range(args.steps + 2):
             for name, step in steps.items():
@@ -74,18 +74,13 @@ def main() -> None:
         print(f"{name:20s} {_median(values):.3f}{ratio}")
 
 
-def _stepper(trainer, device):
+def _stepper(trainer):
+    """The trainer's own step (forward, backward, clipping, update), on its own data order."""
     batches = trainer._local_batches(0)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(trainer.config.bf16))
 
     def step(i: int) -> None:
-        images, targets = next(batches)
-        generators = sampling_generators(0, i, range(len(images)), device)
-        with autocast:
-            losses = trainer.trained(images, targets, generators=generators)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        trainer.optimizer.step()
+        images, targets = trainer._to_device(*next(batches))
+        trainer.step(images, targets, i)
 
     return step
 

@@ -73,7 +73,7 @@ class TrainConfig:
     scratch_model: dict = field(default_factory=lambda: {  # ModelConfig overrides for training from scratch
         # BatchNorm in the backbone (statistics over the 4 images of a batch) learned faster than GroupNorm
         # in 600 iterations (segm AP 0.258 -> 0.308, benchmarks/README.md) and folds into the convolutions
-        # at inference. In the FPN and the mask head too it was ~8% faster per step than GroupNorm, at the
+        # at inference. In the FPN and the mask head too it was ~5% faster per step than GroupNorm, at the
         # same or slightly higher AP (benchmarks/README.md). Under torchrun on CPU each process normalises
         # over its own images (SyncBatchNorm is CUDA-only); set the three norms to "gn" where several CPU
         # processes must match one process exactly.
@@ -83,7 +83,7 @@ class TrainConfig:
         # half of the RoIs positive: the box classifier is what lags behind when training from scratch
         # (segm AP 0.241 -> 0.258 on the shapes data, benchmarks/README.md). The mask head's cost grows with
         # every positive, and the positives are near-copies of a few objects: 16 per image instead of 32
-        # made a trained model's step 1.3x faster for segm AP 0.488 -> 0.468 (benchmarks/README.md)
+        # made a trained model's step 1.26x faster for segm AP 0.488 -> 0.468 (benchmarks/README.md)
         "box_positive_fraction": 0.5, "mask_rois_per_image": 16,
         # anchors for objects of 10-200 px (small images); the COCO sizes start at 32 px
         "anchor_sizes": [16, 32, 64, 128, 256],
@@ -479,6 +479,11 @@ class _Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda it: lr_factor(it, self.total_iters, config))
         self.scaler = torch.amp.GradScaler("cuda") if config.amp else None
+        self.autocast = contextlib.nullcontext()
+        if config.amp:
+            self.autocast = torch.autocast("cuda", dtype=torch.float16)
+        elif config.bf16:
+            self.autocast = torch.autocast(device.type, dtype=torch.bfloat16)
         self.ema = WeightAverage(self.model, config.ema_decay) if config.ema_decay else None
         self.start_iter = 0
         self.best_metric: float | None = None
@@ -602,12 +607,6 @@ class _Trainer:
                   f"{self.total_iters} iterations, {where} on {self.device}"
                   + (f"; resuming at iteration {self.start_iter}" if self.start_iter else ""), flush=True)
 
-        autocast = contextlib.nullcontext()
-        if c.amp:
-            autocast = torch.autocast("cuda", dtype=torch.float16)
-        elif c.bf16:
-            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16)
-
         from tqdm import tqdm
 
         bar = tqdm(total=self.total_iters, initial=self.start_iter, disable=not self.progress, unit="it",
@@ -628,43 +627,8 @@ class _Trainer:
                 images, targets = self._to_device(images, targets)
                 data_time += time.perf_counter() - fetch_start
 
-                torch.manual_seed(derive_seed(c.seed, _STEP, iteration))
-                first = self.info.rank * self.per_process
-                generators = sampling_generators(c.seed, iteration, range(first, first + len(images)), self.device)
-                with autocast:
-                    losses = self.trained(images, targets, generators=generators)
-                loss_names = list(losses)
-                total = sum(v * c.loss_weights.get(k, 1.0) for k, v in losses.items())
-                # Each process divides its partial sums by (global count / processes), so the mean over
-                # processes is the global batch loss. Every process sees the same numbers: all stop together.
-                reduced = distributed.sum_across_processes(
-                    torch.stack([v.detach().float() for v in losses.values()]).cpu()) / self.info.world_size
-                if not torch.isfinite(reduced).all():
-                    detail = ", ".join(f"{n}={v:.4g}" for n, v in zip(loss_names, reduced.tolist()))
-                    last = self.run_dir / "last.pt"
-                    raise MaskRCNNError(
-                        f"non-finite loss at iteration {iteration + 1} ({detail}); stopped without saving "
-                        f"(last good checkpoint: {last if last.is_file() else 'none'}); try a lower lr, "
-                        f"a longer warm-up or grad_clip")
-
-                self.optimizer.zero_grad(set_to_none=True)
-                grad_norm = None
-                if self.scaler is not None:
-                    self.scaler.scale(total).backward()
-                    self.scaler.unscale_(self.optimizer)
-                    if c.grad_clip:
-                        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    total.backward()
-                    if c.grad_clip:
-                        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-                    self.optimizer.step()
-                if self.ema is not None:
-                    self.ema.update(self.model)
                 lr = self.optimizer.param_groups[0]["lr"]
-                self.scheduler.step()
+                loss_names, reduced, grad_norm = self.step(images, targets, iteration)
                 iteration += 1
 
                 window.append(reduced)
@@ -719,6 +683,48 @@ class _Trainer:
             print(f"done: {iteration} iterations in {seconds / 60:.1f} min{ap}; weights in "
                   f"{self.run_dir / 'model.safetensors'}", flush=True)
         return summary
+
+    def step(self, images, targets, iteration: int) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
+        """One optimisation step at `iteration` (0-based): forward, backward, update, weight average and lr.
+        Returns the loss names, the losses averaged over processes, and the gradient norm (when clipping)."""
+        c = self.config
+        torch.manual_seed(derive_seed(c.seed, _STEP, iteration))
+        first = self.info.rank * self.per_process
+        generators = sampling_generators(c.seed, iteration, range(first, first + len(images)), self.device)
+        with self.autocast:
+            losses = self.trained(images, targets, generators=generators)
+        loss_names = list(losses)
+        total = sum(v * c.loss_weights.get(k, 1.0) for k, v in losses.items())
+        # Each process divides its partial sums by (global count / processes), so the mean over
+        # processes is the global batch loss. Every process sees the same numbers: all stop together.
+        reduced = distributed.sum_across_processes(
+            torch.stack([v.detach().float() for v in losses.values()]).cpu()) / self.info.world_size
+        if not torch.isfinite(reduced).all():
+            detail = ", ".join(f"{n}={v:.4g}" for n, v in zip(loss_names, reduced.tolist()))
+            last = self.run_dir / "last.pt"
+            raise MaskRCNNError(
+                f"non-finite loss at iteration {iteration + 1} ({detail}); stopped without saving "
+                f"(last good checkpoint: {last if last.is_file() else 'none'}); try a lower lr, "
+                f"a longer warm-up or grad_clip")
+
+        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = None
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+            self.scaler.unscale_(self.optimizer)
+            if c.grad_clip:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            total.backward()
+            if c.grad_clip:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.scheduler.step()
+        return loss_names, reduced, grad_norm
 
     def _on_main(self, work) -> None:
         """Run `work` on rank 0 while the others wait; an error there is raised on every process
