@@ -24,6 +24,7 @@ from maskrcnn.engine.train import TrainConfig, _Trainer, config_with, resolve_de
 DEFAULT_OPTIONS = {
     "default": {},
     "gn_fpn_and_heads": {"model": {"fpn_norm": "gn", "head_norm": "gn"}},
+    "mlp_head_no_norm": {"model": {"mlp_head_norm": None}},
     "mask_rois_32": {"model": {"mask_rois_per_image": 32}},
     "box_rois_64": {"model": {"box_batch_size_per_image": 64}},
     "rpn_top_500": {"model": {"rpn": {"pre_nms_top_n_train": 500, "post_nms_top_n_train": 500}}},

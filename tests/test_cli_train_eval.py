@@ -187,3 +187,15 @@ def test_finetune_from_checkpoint_with_other_classes(guard_run, shapes, tmp_path
     code, _, err = run_cli(["eval", "--weights", str(run / "model.safetensors"), "--annotations", str(two),
                             "--images", shapes["train_images"], "--device", "cpu", "--no-progress"])
     assert code == 0, err
+
+
+@pytest.mark.parametrize("norm, mlp_head_norm", [("gn", "gn"), ("bn", "bn"), ("frozen_bn", None)])
+def test_norm_flag_sets_every_norm_the_mlp_head_can_take(norm, mlp_head_norm):
+    import argparse
+
+    from maskrcnn.commands.train import _model_options
+
+    options = _model_options(argparse.Namespace(norm=norm, model_option=[]), {"fpn_channels": 64})
+    assert options == {"fpn_channels": 64, "backbone_norm": norm, "fpn_norm": norm, "head_norm": norm,
+                       "mlp_head_norm": mlp_head_norm}
+    maskrcnn.build_model("resnet18_fpn", num_classes=3, **options)  # every combination builds

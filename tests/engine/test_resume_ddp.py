@@ -23,7 +23,7 @@ TINY_MODEL = {"fpn_channels": 32, "mask_head_channels": 32, "box_head_hidden": 6
                       "pre_nms_top_n_test": 100, "post_nms_top_n_test": 50},
               "anchor_sizes": [16, 32, 64, 128, 256],
               # batch-independent normalisation: with BatchNorm each process would normalise over its own images
-              "backbone_norm": "gn", "fpn_norm": "gn", "head_norm": "gn"}
+              "backbone_norm": "gn", "fpn_norm": "gn", "head_norm": "gn", "mlp_head_norm": "gn"}
 
 
 @pytest.fixture(scope="module")

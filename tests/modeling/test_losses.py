@@ -79,14 +79,18 @@ def test_balanced_sampling_caps():
     assert len(pos) == 10 and len(neg) == 100  # fewer candidates than asked: take them all
 
 
-def test_mask_rois_per_image_keeps_the_first_positives():
+def test_mask_rois_per_image_spreads_the_cap_over_objects():
     from maskrcnn.modeling.losses import _mask_rois
 
-    labels = torch.tensor([3, 1, 2, 5, 0, 0, 4, 0])  # positives first, as the sampler returns them
-    assert _mask_rois(labels, None).tolist() == (labels > 0).tolist()
-    assert _mask_rois(labels, 10).tolist() == (labels > 0).tolist()
-    assert _mask_rois(labels, 2).tolist() == [True, True] + [False] * 6
-    assert not _mask_rois(torch.zeros(4, dtype=torch.int64), 2).any()
+    labels = torch.tensor([3, 3, 3, 2, 3, 2, 0, 0, 1])  # positives first, as the sampler returns them
+    objects = torch.tensor([0, 0, 0, 1, 0, 1, 0, 0, 2])  # matched ground-truth index of each proposal
+    assert _mask_rois(labels, objects, None).tolist() == (labels > 0).tolist()
+    assert _mask_rois(labels, objects, 10).tolist() == (labels > 0).tolist()
+    # round 1: the first positive of objects 0, 1 and 2 (positions 0, 3, 8); round 2: the second of 0 and 1
+    assert torch.where(_mask_rois(labels, objects, 3))[0].tolist() == [0, 3, 8]
+    assert torch.where(_mask_rois(labels, objects, 4))[0].tolist() == [0, 1, 3, 8]
+    assert torch.where(_mask_rois(labels, objects, 5))[0].tolist() == [0, 1, 3, 5, 8]
+    assert not _mask_rois(torch.zeros(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int64), 2).any()
 
 
 def test_capped_mask_rois_change_only_the_mask_loss():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -311,3 +312,22 @@ def test_mask_predictor_training_path_takes_zero_rois():
     assert out.shape == (0, 28, 28)
     (out.sum() * 0).backward()
     assert predictor.upsample.weight.grad is not None and predictor.logits.weight.grad is not None
+
+
+def test_mlp_box_head_norm_is_batchnorm_after_each_layer():
+    """The normed head computes relu(bn2(fc2(relu(bn1(fc1(x)))))): by hand with F.batch_norm, in training
+    (batch statistics) and in eval mode (running statistics)."""
+    from maskrcnn.modeling.box_head import MLPBoxHead
+
+    torch.manual_seed(0)
+    head = MLPBoxHead(8, pooled_size=3, hidden=16, norm="bn")
+    x = torch.randn(20, 8, 3, 3)
+    for training in (True, False):
+        head.train(training)
+        n1, n2 = head.norm1, head.norm2
+        stats = [(n.running_mean.clone(), n.running_var.clone()) for n in (n1, n2)]
+        h = F.batch_norm(head.fc1(x.flatten(1)), *stats[0], n1.weight, n1.bias, training, 0.1, n1.eps)
+        h = F.batch_norm(head.fc2(h.relu()), *stats[1], n2.weight, n2.bias, training, 0.1, n2.eps)
+        assert torch.allclose(head(x), h.relu(), atol=1e-6)
+    with pytest.raises(ValueError, match="mlp box head"):
+        MLPBoxHead(8, 3, 16, norm="frozen_bn")

@@ -41,7 +41,8 @@ def add_arguments(p) -> None:
     model.add_argument("--init", metavar="WEIGHTS", default=S,
                        help="fine-tune from these weights (class layers adapted to the dataset's classes)")
     model.add_argument("--norm", choices=("gn", "bn", "frozen_bn"), default=S,
-                       help="normalisation in backbone, FPN and heads (from-scratch default: bn in the backbone, gn elsewhere)")
+                       help="normalisation in backbone, FPN and heads (from-scratch default: bn everywhere; "
+                            "frozen_bn leaves the mlp box head without a norm)")
     model.add_argument("--model-option", metavar="KEY=VALUE", action="append", default=S,
                        help="any ModelConfig field, e.g. box_head=conv or rpn.post_nms_top_n_train=1000 "
                             "(repeatable; VALUE read as YAML)")
@@ -104,7 +105,8 @@ def _model_options(args, base: dict) -> dict:
 
     options = dict(base)
     if hasattr(args, "norm"):
-        options.update(backbone_norm=args.norm, fpn_norm=args.norm, head_norm=args.norm)
+        options.update(backbone_norm=args.norm, fpn_norm=args.norm, head_norm=args.norm,
+                       mlp_head_norm=args.norm if args.norm in ("bn", "gn") else None)
     for item in getattr(args, "model_option", []):
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -9,17 +9,38 @@ from .layers import ConvNormAct, full_precision
 
 
 class MLPBoxHead(nn.Module):
-    """Two fully connected layers (the original Mask R-CNN head)."""
+    """Two fully connected layers (the original Mask R-CNN head), optionally each followed by a norm.
 
-    def __init__(self, in_channels: int, pooled_size: int = 7, hidden: int = 1024):
+    Trained from scratch, BatchNorm after each layer let the classifier start telling the shapes apart
+    earlier (segm AP 0.468 -> 0.508 on the shapes data, benchmarks/README.md): the 512 RoIs of a batch
+    give it good statistics, and at inference it is a fixed affine map."""
+
+    def __init__(self, in_channels: int, pooled_size: int = 7, hidden: int = 1024, norm: str | None = None):
         super().__init__()
         self.fc1 = nn.Linear(in_channels * pooled_size ** 2, hidden)
         self.fc2 = nn.Linear(hidden, hidden)
+        self.norm1 = _vector_norm(norm, hidden)
+        self.norm2 = _vector_norm(norm, hidden)
         self.out_features = hidden
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.fc1(x.flatten(1)))
-        return torch.relu(self.fc2(x))
+        x = self.fc1(x.flatten(1))
+        if self.norm1 is not None:
+            x = self.norm1(x)
+        x = self.fc2(torch.relu(x))
+        if self.norm2 is not None:
+            x = self.norm2(x)
+        return torch.relu(x)
+
+
+def _vector_norm(kind: str | None, features: int) -> nn.Module | None:
+    if kind is None or kind == "none":
+        return None
+    if kind == "bn":
+        return nn.BatchNorm1d(features)
+    if kind == "gn":
+        return nn.GroupNorm(32, features)
+    raise ValueError(f"unknown normalisation {kind!r} for the mlp box head; choose 'bn', 'gn' or None")
 
 
 class ConvFCBoxHead(nn.Module):

@@ -43,7 +43,7 @@ def training_losses(model, images: list[torch.Tensor], targets: list[dict],
     class_logits, box_deltas = model.box_predictor(model.box_head(pooled))
     sums.update(box_losses(class_logits, box_deltas, samples, model.box_coder))
 
-    positive = [_mask_rois(s["labels"], cfg.mask_rois_per_image) for s in samples]
+    positive = [_mask_rois(s["labels"], s["gt_index"], cfg.mask_rois_per_image) for s in samples]
     pos_boxes = [s["boxes"][p] for s, p in zip(samples, positive)]
     pos_labels = torch.cat([s["labels"][p] for s, p in zip(samples, positive)])
     mask_logits = model.mask_predictor(model.mask_head(model.mask_pooler(features[:4], pos_boxes, sizes)),
@@ -52,14 +52,29 @@ def training_losses(model, images: list[torch.Tensor], targets: list[dict],
     return _normalise(sums)
 
 
-def _mask_rois(labels: torch.Tensor, limit: int | None) -> torch.Tensor:
-    """Which sampled proposals train the mask head: the positives, at most `limit` of them. The sampler
-    lists positives first in random order, so the first `limit` are a random subset. Positives are many
-    near-copies of the same few objects, and the mask head's cost grows with their number."""
+def _mask_rois(labels: torch.Tensor, gt_index: torch.Tensor, limit: int | None) -> torch.Tensor:
+    """Which sampled proposals train the mask head: the positives, at most `limit` of them, spread over the
+    objects: the first positive of every object, then the second of every object, and so on (the sampler
+    lists positives first in random order, which decides within each round). A large object has many more
+    positive proposals than a small one, and the mask head's cost grows with every RoI; taken at random,
+    the capped RoIs would be mostly near-copies of the largest objects."""
     positive = labels > 0
-    if limit is not None and int(positive.sum()) > limit:
-        positive = positive & (torch.cumsum(positive, 0) <= limit)
-    return positive
+    if limit is None or int(positive.sum()) <= limit:
+        return positive
+    index = torch.where(positive)[0]
+    objects = gt_index[index]
+    by_object = torch.argsort(objects, stable=True)  # positions grouped by object, sampler order within
+    grouped = objects[by_object]
+    first = torch.ones_like(grouped, dtype=torch.bool)
+    first[1:] = grouped[1:] != grouped[:-1]
+    position = torch.arange(len(grouped), device=labels.device)
+    group_start = torch.cummax(torch.where(first, position, torch.zeros_like(position)), 0).values
+    rank = torch.empty_like(position)
+    rank[by_object] = position - group_start  # 0 for an object's first positive, 1 for its second, ...
+    keep = index[torch.argsort(rank * len(index) + position, stable=True)[:limit]]
+    chosen = torch.zeros_like(positive)
+    chosen[keep] = True
+    return chosen
 
 
 def _normalise(sums: dict[str, tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:

@@ -37,6 +37,7 @@ class ModelConfig:
     rpn_conv_depth: int = 1
     box_head: str = "mlp"                # mlp (2fc) | conv (4conv + 1fc)
     head_norm: str | None = None         # norm in the conv box head and the mask head
+    mlp_head_norm: str | None = None     # norm after each fully connected layer of the mlp box head: bn | gn
     box_head_hidden: int = 1024
     mask_head_channels: int = 256
     min_size: int | tuple[int, ...] = 800
@@ -126,7 +127,7 @@ class MaskRCNN(nn.Module):
                                                  c.rpn_conv_depth), anchors, c.rpn)
         self.box_pooler = MultiLevelRoIAlign(7, sampling_ratio=2)
         if c.box_head == "mlp":
-            self.box_head = MLPBoxHead(c.fpn_channels, 7, c.box_head_hidden)
+            self.box_head = MLPBoxHead(c.fpn_channels, 7, c.box_head_hidden, norm=c.mlp_head_norm)
         elif c.box_head == "conv":
             self.box_head = ConvFCBoxHead(c.fpn_channels, 7, hidden=c.box_head_hidden, norm=c.head_norm)
         else:
