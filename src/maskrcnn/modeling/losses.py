@@ -63,15 +63,9 @@ def _mask_rois(labels: torch.Tensor, gt_index: torch.Tensor, limit: int | None) 
         return positive
     index = torch.where(positive)[0]
     objects = gt_index[index]
-    by_object = torch.argsort(objects, stable=True)  # positions grouped by object, sampler order within
-    grouped = objects[by_object]
-    first = torch.ones_like(grouped, dtype=torch.bool)
-    first[1:] = grouped[1:] != grouped[:-1]
-    position = torch.arange(len(grouped), device=labels.device)
-    group_start = torch.cummax(torch.where(first, position, torch.zeros_like(position)), 0).values
-    rank = torch.empty_like(position)
-    rank[by_object] = position - group_start  # 0 for an object's first positive, 1 for its second, ...
-    keep = index[torch.argsort(rank * len(index) + position, stable=True)[:limit]]
+    # how many earlier positives share the object: 0 for its first positive, 1 for its second, ...
+    rank = torch.tril(objects[:, None] == objects[None, :], diagonal=-1).sum(1)
+    keep = index[torch.argsort(rank, stable=True)[:limit]]
     chosen = torch.zeros_like(positive)
     chosen[keep] = True
     return chosen
