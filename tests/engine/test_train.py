@@ -239,6 +239,9 @@ def test_bad_settings_are_one_clear_error(shapes, tmp_path):
         train(config_with(plain, {"ema_decay": 0.9}), resume=True, progress=False)
     with pytest.raises(MaskRCNNError, match="bad model settings: unknown box head 'fc'"):
         train(tiny_config(shapes, tmp_path / "run", model={**TINY_MODEL, "box_head": "fc"}), progress=False)
+    with pytest.raises(MaskRCNNError, match="bad model settings: unknown normalisation 'frozen_bn' for the mlp box head"):
+        train(tiny_config(shapes, tmp_path / "run", model={**TINY_MODEL, "mlp_head_norm": "frozen_bn"}),
+              progress=False)
 
 
 # ---------------------------------------------------------------------------------------------- outputs
