@@ -22,8 +22,10 @@ TINY_MODEL = {"fpn_channels": 32, "mask_head_channels": 32, "box_head_hidden": 6
               "rpn": {"batch_size_per_image": 64, "pre_nms_top_n_train": 300, "post_nms_top_n_train": 100,
                       "pre_nms_top_n_test": 100, "post_nms_top_n_test": 50},
               "anchor_sizes": [16, 32, 64, 128, 256],
-              # batch-independent normalisation: with BatchNorm each process would normalise over its own images
-              "backbone_norm": "gn", "fpn_norm": "gn", "head_norm": "gn", "mlp_head_norm": "gn"}
+              # batch-independent normalisation: with BatchNorm each process would normalise over its own images.
+              # No norm in the tiny mlp box head: GroupNorm's 32 groups of its 64 features hold 2 values each,
+              # which turns the last-bit differences of DDP's gradient sums into weight differences of ~3e-3.
+              "backbone_norm": "gn", "fpn_norm": "gn", "head_norm": "gn", "mlp_head_norm": None}
 
 
 @pytest.fixture(scope="module")
