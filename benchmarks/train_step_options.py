@@ -25,6 +25,8 @@ DEFAULT_OPTIONS = {
     "default": {},
     "gn_fpn_and_heads": {"model": {"fpn_norm": "gn", "head_norm": "gn"}},
     "mlp_head_no_norm": {"model": {"mlp_head_norm": None}},
+    "shared_box_head": {"model": {"box_head": "mlp"}},
+    "no_gt_jitter": {"model": {"gt_jitter_copies": 0}},
     "mask_rois_32": {"model": {"mask_rois_per_image": 32}},
     "box_rois_64": {"model": {"box_batch_size_per_image": 64}},
     "rpn_top_500": {"model": {"rpn": {"pre_nms_top_n_train": 500, "post_nms_top_n_train": 500}}},
@@ -57,8 +59,8 @@ def main() -> None:
                                epochs=None, batch_size=4)
             trainer = _Trainer(resolve_defaults(config_with(base, changes), device), info, device, False, False)
             if state is not None:
-                # strict=False: a GroupNorm option has no running statistics to take; it takes the affine
-                # weights, which is all its timing needs
+                # strict=False: a GroupNorm option has no running statistics to take, a shared box head
+                # none of the split head's layers; the rest of the weights is all their timing needs
                 trainer.model.load_state_dict(state, strict=False)
             steps[name] = _stepper(trainer)
         times = {name: [] for name in steps}

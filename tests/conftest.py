@@ -31,15 +31,15 @@ def read_rgb(path) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
 
 
-def tiny_model():
+def tiny_model(**options):
     """A small random model whose class scores are scaled up so that it detects things quickly (with no
-    pretrained weights offline, detections are arbitrary but deterministic)."""
+    pretrained weights offline, detections are arbitrary but deterministic). `options`: ModelConfig fields."""
     import maskrcnn
 
     torch.manual_seed(0)
     model = maskrcnn.build_model("resnet18_fpn", num_classes=4, min_size=128, max_size=192, fpn_channels=64,
                                  mask_head_channels=64, box_head_hidden=256,
-                                 rpn=dict(pre_nms_top_n_test=200, post_nms_top_n_test=100))
+                                 rpn=dict(pre_nms_top_n_test=200, post_nms_top_n_test=100), **options)
     with torch.no_grad():
         model.box_predictor.class_logits.weight.mul_(50)
     model.class_names = ["__background__", "cat", "dog", "bird"]

@@ -185,3 +185,19 @@ def test_cli_export_then_predict_writes_what_pytorch_writes(fmt, model, val_imag
         assert abs(a["score"] - e["score"]) <= 1e-3
         rles = [dict(x["segmentation"], counts=x["segmentation"]["counts"].encode()) for x in (e, a)]
         assert mask_utils.iou([rles[1]], [rles[0]], [False])[0, 0] >= 0.99
+
+
+def test_split_box_head_and_exact_mask_paste_survive_export(photos, tmp_path):
+    """The from-scratch recipe's options: two box heads in the graph, and the sub-pixel paste done by
+    the numpy code around it (the file's config says which paste)."""
+    model = tiny_model(box_head="split_mlp", mask_paste="exact")
+    with torch.no_grad():
+        model.mask_predictor.logits.bias.fill_(-1.0)
+    path = export(model, tmp_path / "split.onnx", "onnx")
+    runtime = Predictor(path, score_thresh=0.05)
+    assert runtime.model.config.box_head == "split_mlp" and runtime.model.config.mask_paste == "exact"
+    reference = Predictor(model, score_thresh=0.05)
+    for photo in photos[:2]:
+        expected, actual = reference(photo), runtime(photo)
+        assert len(expected) > 10
+        assert_same_detections(expected, actual)

@@ -31,6 +31,25 @@ def test_safetensors_round_trip_gives_same_outputs(small_model, tmp_path):
     assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["masks"], b["masks"])
 
 
+def test_load_can_choose_the_mask_paste(small_model, tmp_path):
+    """The checkpoint's paste by default; load(..., mask_paste="exact") changes only the masks' edges."""
+    torch.manual_seed(1)
+    model = maskrcnn.build_model("resnet18_fpn", num_classes=4, min_size=160, max_size=224, box_head="split_mlp",
+                                 mask_paste="exact").eval()
+    with torch.no_grad():
+        model.box_predictor.class_logits.weight.mul_(50)
+    path = tmp_path / "split.safetensors"
+    maskrcnn.save_checkpoint(model, path)
+    assert maskrcnn.load(path).config.mask_paste == "exact"
+    legacy = maskrcnn.load(path, mask_paste="torchvision", score_thresh=model.config.score_thresh)
+    image = torch.rand(3, 120, 140)
+    a, b = model([image])[0], legacy([image])[0]
+    assert len(a["boxes"]) > 0 and torch.equal(a["boxes"], b["boxes"])
+    assert not torch.equal(a["masks"], b["masks"])
+    with pytest.raises(MaskRCNNError, match="split.safetensors.*mask paste|split.safetensors.*mask_paste"):
+        maskrcnn.load(path, mask_paste="nearest")
+
+
 def test_old_torchvision_key_names_convert():
     old = {"backbone.fpn.inner_blocks.2.weight": 1, "rpn.head.conv.weight": 2,
            "roi_heads.mask_head.mask_fcn1.weight": 3, "roi_heads.mask_head.mask_fcn4.bias": 4,

@@ -103,7 +103,7 @@ class ExportedModel:
             batch, np.asarray(size, dtype=np.int64), np.asarray(self.config.score_thresh, dtype=np.float32),
             np.asarray(self.config.detections_per_img, dtype=np.int64))
         boxes = rescale_boxes(boxes, size, (height, width))
-        masks = paste_masks(mask_probs, boxes, (height, width))[:, None]
+        masks = paste_masks(mask_probs, boxes, (height, width), mode=self.config.mask_paste)[:, None]
         return {"boxes": boxes, "labels": labels.astype(np.int64), "scores": scores, "masks": masks}
 
     def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
@@ -209,17 +209,40 @@ def rescale_boxes(boxes: np.ndarray, from_size: tuple[int, int], to_size: tuple[
     return (boxes.reshape(-1, 4) * np.array([ratio_w, ratio_h, ratio_w, ratio_h], dtype=np.float32))
 
 
-def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int], padding: int = 1) -> np.ndarray:
+def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int], padding: int = 1,
+                mode: str = "torchvision") -> np.ndarray:
     """postprocess.paste_masks in numpy: (N, M, M) probabilities into their boxes on (N, H, W) canvases."""
     n, m = masks.shape[0], masks.shape[-1]
     height, width = image_size
     if n == 0:
         return np.zeros((0, height, width), dtype=np.float32)
     padded = np.pad(masks.astype(np.float32, copy=False), ((0, 0), (padding, padding), (padding, padding)))
+    if mode == "exact":
+        scale = np.float32((m + 2 * padding) / m)
+        grown_w = np.maximum(boxes[:, 2] - boxes[:, 0], np.float32(1e-3)) * scale
+        grown_h = np.maximum(boxes[:, 3] - boxes[:, 1], np.float32(1e-3)) * scale
+        x0 = (boxes[:, 2] + boxes[:, 0]) * np.float32(0.5) + np.float32(0.5) - grown_w * np.float32(0.5)
+        y0 = (boxes[:, 3] + boxes[:, 1]) * np.float32(0.5) + np.float32(0.5) - grown_h * np.float32(0.5)
+        rows = _exact_resize_matrix(y0, grown_h, m + 2 * padding, height)
+        cols = _exact_resize_matrix(x0, grown_w, m + 2 * padding, width)
+        return rows @ padded @ cols.transpose(0, 2, 1)
     x0, y0, x1, y1 = paste_bounds(boxes, m, padding).T
     rows = _resize_matrix(y0, y1, m + 2 * padding, height)
     cols = _resize_matrix(x0, x1, m + 2 * padding, width)
     return rows @ padded @ cols.transpose(0, 2, 1)
+
+
+def _exact_resize_matrix(start: np.ndarray, length: np.ndarray, in_size: int, canvas: int) -> np.ndarray:
+    """postprocess._exact_resize_matrix in numpy."""
+    pos = np.arange(canvas, dtype=np.float32) + np.float32(0.5)
+    src = np.clip((pos[None, :] - start[:, None]) / length[:, None] * np.float32(in_size) - np.float32(0.5),
+                  0, in_size - 1).astype(np.float32)
+    low = np.floor(src).astype(np.int64)
+    high = np.minimum(low + 1, in_size - 1)
+    frac = src - low.astype(np.float32)
+    taps = np.arange(in_size)
+    return (((taps == low[..., None]) * (1 - frac)[..., None])
+            + ((taps == high[..., None]) * frac[..., None])).astype(np.float32)
 
 
 def paste_bounds(boxes: np.ndarray, mask_size: int = 28, padding: int = 1) -> np.ndarray:

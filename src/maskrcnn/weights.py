@@ -257,12 +257,14 @@ def fetch(name: str, progress: bool = True) -> Path:
 # ---------------------------------------------------------------------------------------------- load
 
 def load(source: str | os.PathLike, *, device: str | torch.device = "cpu", score_thresh: float = 0.05,
-         nms_thresh: float = 0.5, detections_per_img: int = 100, precision: str = "fp32") -> MaskRCNN:
+         nms_thresh: float = 0.5, detections_per_img: int = 100, precision: str = "fp32",
+         mask_paste: str | None = None) -> MaskRCNN:
     """A ready-to-use model in eval mode from a checkpoint path or a registered name (see REGISTRY).
 
     Accepts torchvision Mask R-CNN state dicts (v1 or v2 layout, any class count, architecture read off
     the keys), our safetensors checkpoints and our training checkpoints. `precision="bf16"` trades
-    exactness for speed (see MaskRCNN.precision).
+    exactness for speed (see MaskRCNN.precision). `mask_paste` overrides the checkpoint's way of pasting
+    masks into the image ("exact" is sub-pixel, "torchvision" matches torchvision; see paste_masks).
     """
     if precision not in MaskRCNN.PRECISIONS:
         raise MaskRCNNError(f"precision must be one of {', '.join(MaskRCNN.PRECISIONS)}, got {precision!r}")
@@ -277,7 +279,12 @@ def load(source: str | os.PathLike, *, device: str | torch.device = "cpu", score
     if len(class_names) != config.num_classes:
         raise MaskRCNNError(f"{path}: {len(class_names)} class names for a model with {config.num_classes} classes")
     config.score_thresh, config.nms_thresh, config.detections_per_img = score_thresh, nms_thresh, detections_per_img
-    model = MaskRCNN(config, class_names, category_ids)
+    if mask_paste is not None:
+        config.mask_paste = mask_paste
+    try:
+        model = MaskRCNN(config, class_names, category_ids)
+    except ValueError as e:
+        raise MaskRCNNError(f"{path}: {e}") from None
     load_state(model, state, str(path))
     model.precision = precision
     model = model.to(device).eval()

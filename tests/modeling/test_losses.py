@@ -105,3 +105,43 @@ def test_capped_mask_rois_change_only_the_mask_loss():
     for name in ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"):
         assert torch.allclose(losses[0][name], losses[1][name]), name
     assert not torch.allclose(losses[0]["loss_mask"], losses[1]["loss_mask"])
+
+
+def test_jittered_boxes_scatter_around_their_box():
+    """Centres move and sides scale by ~N(0, GT_JITTER_STD) of the box size, reproducibly from the
+    generator; most copies still overlap their box at IoU >= 0.5 (they become positives)."""
+    from torchvision.ops import box_iou
+
+    from maskrcnn.modeling.losses import GT_JITTER_STD, jittered_boxes
+
+    box = torch.tensor([[40.0, 30.0, 100.0, 70.0]])  # 60 x 40
+    first = jittered_boxes(box, 4000, torch.Generator().manual_seed(3))
+    again = jittered_boxes(box, 4000, torch.Generator().manual_seed(3))
+    assert first.shape == (4000, 4) and torch.equal(first, again)
+    centre = (first[:, :2] + first[:, 2:]) / 2
+    size = first[:, 2:] - first[:, :2]
+    offset_std = ((centre - torch.tensor([70.0, 50.0])) / torch.tensor([60.0, 40.0])).std(0)
+    log_scale_std = torch.log(size / torch.tensor([60.0, 40.0])).std(0)
+    assert torch.allclose(offset_std, torch.full((2,), GT_JITTER_STD), rtol=0.08)
+    assert torch.allclose(log_scale_std, torch.full((2,), GT_JITTER_STD), rtol=0.08)
+    assert (box_iou(first, box)[:, 0] >= 0.5).float().mean() > 0.8
+
+
+def test_gt_jitter_copies_add_positives_to_the_box_head_samples():
+    from maskrcnn.modeling.losses import sample_proposals
+    from maskrcnn.modeling.model import ModelConfig
+
+    target = {"boxes": torch.tensor([[10.0, 10.0, 50.0, 40.0], [60.0, 20.0, 90.0, 80.0]]),
+              "labels": torch.tensor([1, 2])}
+    background = torch.tensor([[150.0, 150.0, 190.0, 190.0]]).repeat(50, 1)
+    plain = sample_proposals(background, target, ModelConfig(), torch.Generator().manual_seed(0))
+    assert int((plain["labels"] > 0).sum()) == 2  # the ground-truth boxes only
+    jittered = sample_proposals(background, target, ModelConfig(gt_jitter_copies=10),
+                                torch.Generator().manual_seed(0))
+    positive = jittered["labels"] > 0
+    assert int(positive.sum()) > 12
+    # each positive keeps the label of the object it was jittered from
+    assert torch.equal(jittered["labels"][positive], target["labels"][jittered["gt_index"][positive]])
+    with pytest.raises(ValueError, match="gt_jitter_copies"):
+        from maskrcnn.modeling.model import MaskRCNN
+        MaskRCNN(ModelConfig(depth=18, gt_jitter_copies=-1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -131,6 +132,57 @@ def test_paste_matches_per_mask_interpolation():
     pasted = paste_masks(masks, boxes, (90, 110))
     for m, b, p in zip(masks, boxes, pasted):
         assert torch.allclose(p, _paste_one_by_one(m, b, 90, 110), atol=1e-5)
+
+
+def test_exact_paste_is_grid_sample_over_the_half_pixel_shifted_box():
+    """mode="exact": canvas pixel p (centre p + 0.5) reads the mask bilinearly at its place in the box moved
+    by (+0.5, +0.5), zero outside: F.grid_sample with align_corners=False and zero padding, built here from
+    the box coordinates alone; also the numpy copy used for exported models."""
+    from maskrcnn.exported import paste_masks as paste_masks_numpy
+
+    g = torch.Generator().manual_seed(2)
+    masks = torch.rand(9, 28, 28, generator=g)
+    xy = torch.rand(9, 2, generator=g) * 100 - 15
+    boxes = torch.cat((xy, xy + torch.rand(9, 2, generator=g) * 70 + 0.3), 1)
+    height, width = 70, 90
+    pasted = paste_masks(masks, boxes, (height, width), mode="exact")
+    ys = torch.arange(height, dtype=torch.float32) + 0.5
+    xs = torch.arange(width, dtype=torch.float32) + 0.5
+    for mask, box, out in zip(masks, boxes, pasted):
+        x0, y0, x1, y1 = (box + 0.5).tolist()
+        gx = (xs - x0) / (x1 - x0) * 2 - 1
+        gy = (ys - y0) / (y1 - y0) * 2 - 1
+        grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], -1)[None]
+        expected = F.grid_sample(mask[None, None], grid, mode="bilinear", padding_mode="zeros",
+                                 align_corners=False)[0, 0]
+        assert torch.allclose(out, expected, atol=2e-4)  # float32 rounding of the thinnest boxes' scales
+    in_numpy = paste_masks_numpy(masks.numpy(), boxes.numpy(), (height, width), mode="exact")
+    assert np.allclose(in_numpy, pasted.numpy(), atol=2e-4)
+    with pytest.raises(ValueError, match="paste mode"):
+        paste_masks(masks, boxes, (height, width), mode="nearest")
+
+
+def test_exact_paste_puts_a_mask_target_back_where_it_was_cut():
+    """A disc's 28x28 training target, cut by torchvision's roi_align (aligned=False, as Mask R-CNN's mask
+    targets are), pasted back into its box: in "exact" mode it lands on the disc (centroid within 0.05 px,
+    IoU > 0.99); torchvision's whole-pixel paste is off by about half a pixel and one pixel too wide."""
+    from torchvision.ops import roi_align
+
+    size = 64
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    disc = (((xx - 30.3) ** 2 + (yy - 27.6) ** 2) <= 9.0 ** 2).float()
+    box = torch.tensor([[19.8, 17.1, 40.8, 38.1]])  # the disc's bounding box with 1.5 px to spare
+    target = roi_align(disc[None, None], [box], (28, 28), 1.0, 2, aligned=False)[:, 0]
+    centre_y, centre_x = (torch.nonzero(disc > 0).float() + 0.5).mean(0)
+    results = {}
+    for mode in ("exact", "torchvision"):
+        back = paste_masks(target, box, (size, size), mode=mode)[0] >= 0.5
+        ys, xs = torch.nonzero(back, as_tuple=True)
+        shift = ((xs.float() + 0.5).mean() - centre_x, (ys.float() + 0.5).mean() - centre_y)
+        iou = (back & (disc > 0)).sum() / (back | (disc > 0)).sum()
+        results[mode] = (max(abs(float(shift[0])), abs(float(shift[1]))), float(iou))
+    assert results["exact"][0] < 0.05 and results["exact"][1] > 0.99, results
+    assert results["torchvision"][0] > 0.2 and results["torchvision"][1] < 0.95, results
 
 
 def test_model_accepts_any_sizes_and_returns_input_pixels():
@@ -331,3 +383,31 @@ def test_mlp_box_head_norm_is_batchnorm_after_each_layer():
         assert torch.allclose(head(x), h.relu(), atol=1e-6)
     with pytest.raises(ValueError, match="mlp box head"):
         MLPBoxHead(8, 3, 16, norm="frozen_bn")
+
+
+def test_split_box_head_gives_each_task_its_own_layers():
+    """split_mlp: the class logits are a function of the classification layers alone and the box deltas of
+    the regression layers alone; each equals the predictor applied to its own 2-fc head's output."""
+    from maskrcnn.modeling.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18_fpn", 5, box_head="split_mlp", mlp_head_norm="bn", fpn_channels=16,
+                        mask_head_channels=16).eval()
+    head, predictor = model.box_head, model.box_predictor
+    x = torch.randn(6, 16, 7, 7)
+    logits, deltas = predictor(head(x))
+    assert logits.shape == (6, 5) and deltas.shape == (6, 20)
+    assert torch.allclose(logits, predictor.class_logits(head.classification(x)), atol=1e-6)
+    assert torch.allclose(deltas, predictor.box_deltas(head.regression(x)), atol=1e-6)
+    with torch.no_grad():
+        head.regression.fc1.weight.mul_(3.0)
+    logits2, deltas2 = predictor(head(x))
+    assert torch.equal(logits, logits2) and not torch.allclose(deltas, deltas2)
+    # a train-mode pass reaches both branches' weights
+    model.train()
+    logits, deltas = predictor(head(x))
+    (logits.sum() + deltas.sum()).backward()
+    assert head.classification.fc1.weight.grad.abs().sum() > 0
+    assert head.regression.fc1.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="split_mlp"):
+        build_model("resnet18_fpn", 5, box_head="fc")

@@ -33,6 +33,24 @@ class MLPBoxHead(nn.Module):
         return torch.relu(x)
 
 
+class SplitMLPBoxHead(nn.Module):
+    """Two MLP heads on the same pooled features: one for the class scores, one for the box deltas.
+
+    In the shared 2-fc head the regression and classification gradients pull one feature vector two
+    ways; giving each task its own layers ("decoupled" heads, as in Double-Head R-CNN and YOLOX) made
+    the classifier learn faster from scratch (segm AP +0.04 and +0.02 on two training seeds of the
+    shapes recipe, benchmarks/README.md). Returns (class features, box features) for BoxPredictor."""
+
+    def __init__(self, in_channels: int, pooled_size: int = 7, hidden: int = 1024, norm: str | None = None):
+        super().__init__()
+        self.classification = MLPBoxHead(in_channels, pooled_size, hidden, norm)
+        self.regression = MLPBoxHead(in_channels, pooled_size, hidden, norm)
+        self.out_features = hidden
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.classification(x), self.regression(x)
+
+
 def _vector_norm(kind: str | None, features: int) -> nn.Module | None:
     if kind is None or kind == "none":
         return None
@@ -75,5 +93,8 @@ class BoxPredictor(nn.Module):
         nn.init.zeros_(self.class_logits.bias)
         nn.init.zeros_(self.box_deltas.bias)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the box head's features, or (class features, box features) from a split head."""
+        if isinstance(x, tuple):
+            return full_precision(self.class_logits, x[0]), full_precision(self.box_deltas, x[1])
         return full_precision((self.class_logits, self.box_deltas), x)

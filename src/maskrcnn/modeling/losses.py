@@ -136,6 +136,8 @@ def sample_proposals(proposals: torch.Tensor, target: dict, cfg,
     with their class labels, regression targets' source boxes and matched ground-truth index."""
     gt_boxes, gt_labels = target["boxes"], target["labels"]
     boxes = torch.cat((proposals, gt_boxes.to(proposals.dtype)))
+    if cfg.gt_jitter_copies and len(gt_boxes):
+        boxes = torch.cat((boxes, jittered_boxes(gt_boxes.to(proposals.dtype), cfg.gt_jitter_copies, generator)))
     matches = match_boxes(gt_boxes, boxes, cfg.box_fg_iou_thresh, cfg.box_bg_iou_thresh,
                           keep_best_for_each_gt=False)
     if len(gt_boxes):
@@ -150,6 +152,24 @@ def sample_proposals(proposals: torch.Tensor, target: dict, cfg,
     keep = torch.cat((pos, neg))
     return {"boxes": boxes[keep], "labels": labels[keep], "matched_gt": matched_gt[keep],
             "gt_index": matches[keep].clamp(min=0)}
+
+
+GT_JITTER_STD = 0.12  # of the box's width/height: most copies keep IoU >= 0.5 with their object
+
+
+def jittered_boxes(boxes: torch.Tensor, copies: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`copies` random variants of each box: centre moved and sides scaled by ~N(0, 0.12) of its size.
+
+    Trained from scratch, the RPN proposes little that overlaps an object at first, so the box and mask
+    heads see few positives besides the ground-truth boxes themselves. Jittered copies give them many
+    varied positives, and some near-miss negatives, from the first step (the idea of DN-DETR's noised
+    ground-truth queries); they are matched to the objects like any proposal."""
+    repeated = boxes.repeat(copies, 1)
+    size = repeated[:, 2:] - repeated[:, :2]
+    noise = torch.randn(len(repeated), 4, generator=generator, device=boxes.device, dtype=boxes.dtype) * GT_JITTER_STD
+    centre = (repeated[:, :2] + repeated[:, 2:]) * 0.5 + noise[:, :2] * size
+    half = size * torch.exp(noise[:, 2:]) * 0.5
+    return torch.cat((centre - half, centre + half), 1).clamp(min=0)
 
 
 def box_losses(class_logits: torch.Tensor, box_deltas: torch.Tensor, samples: list[dict],

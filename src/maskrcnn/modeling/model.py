@@ -13,13 +13,13 @@ from torch import nn
 
 from .anchors import AnchorGenerator
 from .backbone import ResNet
-from .box_head import BoxPredictor, ConvFCBoxHead, MLPBoxHead
+from .box_head import BoxPredictor, ConvFCBoxHead, MLPBoxHead, SplitMLPBoxHead
 from .boxes import BoxCoder
 from .fpn import FPN
 from .layers import folded_norms
 from .mask_head import MaskHead, MaskPredictor
 from .poolers import MultiLevelRoIAlign
-from .postprocess import paste_masks, select_detections
+from .postprocess import MASK_PASTE_MODES, paste_masks, select_detections
 from .rpn import RegionProposalNetwork, RPNConfig, RPNHead
 from .transform import ImageTransform, rescale_boxes
 
@@ -35,7 +35,7 @@ class ModelConfig:
     fpn_norm: str | None = None
     fpn_channels: int = 256
     rpn_conv_depth: int = 1
-    box_head: str = "mlp"                # mlp (2fc) | conv (4conv + 1fc)
+    box_head: str = "mlp"                # mlp (2fc) | split_mlp (2fc for classes, 2fc for boxes) | conv (4conv + 1fc)
     head_norm: str | None = None         # norm in the conv box head and the mask head
     mlp_head_norm: str | None = None     # norm after each fully connected layer of the mlp box head: bn | gn
     box_head_hidden: int = 1024
@@ -52,9 +52,11 @@ class ModelConfig:
     box_batch_size_per_image: int = 512
     box_positive_fraction: float = 0.25
     mask_rois_per_image: int | None = None  # training: mask loss on at most this many positives (None: all)
+    gt_jitter_copies: int = 0            # training: jittered copies of each ground-truth box join the proposals
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100
+    mask_paste: str = "torchvision"      # torchvision (bit-parity) | exact (sub-pixel; postprocess.paste_masks)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,15 +130,21 @@ class MaskRCNN(nn.Module):
         self.box_pooler = MultiLevelRoIAlign(7, sampling_ratio=2)
         if c.box_head == "mlp":
             self.box_head = MLPBoxHead(c.fpn_channels, 7, c.box_head_hidden, norm=c.mlp_head_norm)
+        elif c.box_head == "split_mlp":
+            self.box_head = SplitMLPBoxHead(c.fpn_channels, 7, c.box_head_hidden, norm=c.mlp_head_norm)
         elif c.box_head == "conv":
             self.box_head = ConvFCBoxHead(c.fpn_channels, 7, hidden=c.box_head_hidden, norm=c.head_norm)
         else:
-            raise ValueError(f"unknown box head {c.box_head!r}; choose 'mlp' or 'conv'")
+            raise ValueError(f"unknown box head {c.box_head!r}; choose 'mlp', 'split_mlp' or 'conv'")
         if c.mask_rois_per_image is not None and (not isinstance(c.mask_rois_per_image, int)
                                                   or isinstance(c.mask_rois_per_image, bool)
                                                   or c.mask_rois_per_image < 1):
             raise ValueError(f"mask_rois_per_image must be a positive integer or None (all positives), "
                              f"got {c.mask_rois_per_image!r}")
+        if isinstance(c.gt_jitter_copies, bool) or not isinstance(c.gt_jitter_copies, int) or c.gt_jitter_copies < 0:
+            raise ValueError(f"gt_jitter_copies must be a non-negative integer, got {c.gt_jitter_copies!r}")
+        if c.mask_paste not in MASK_PASTE_MODES:
+            raise ValueError(f"unknown mask_paste {c.mask_paste!r}; choose one of {MASK_PASTE_MODES}")
         self.box_predictor = BoxPredictor(self.box_head.out_features, c.num_classes)
         self.box_coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
         self.mask_pooler = MultiLevelRoIAlign(14, sampling_ratio=2)
@@ -226,5 +234,5 @@ class MaskRCNN(nn.Module):
 
     def to_input_pixels(self, det: dict, size: tuple[int, int], original: tuple[int, int]) -> dict:
         boxes = rescale_boxes(det["boxes"], size, original)
-        masks = paste_masks(det["mask_probs"], boxes, original)[:, None]
+        masks = paste_masks(det["mask_probs"], boxes, original, mode=self.config.mask_paste)[:, None]
         return {"boxes": boxes, "labels": det["labels"], "scores": det["scores"], "masks": masks}

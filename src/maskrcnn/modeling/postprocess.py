@@ -35,21 +35,42 @@ def select_detections(class_logits: torch.Tensor, box_deltas: torch.Tensor, prop
     return results
 
 
+MASK_PASTE_MODES = ("torchvision", "exact")
+
+
 def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int],
-                padding: int = 1) -> torch.Tensor:
+                padding: int = 1, mode: str = "torchvision") -> torch.Tensor:
     """Resize each (M, M) mask into its box and place it in an image-sized canvas: (N, M, M) -> (N, H, W).
 
     The mask is first padded by one zero pixel (and the box grown to match) so that the resized mask fades
     out at the box border instead of being cut off. Bilinear resizing is separable, so each mask is
     pasted as R_y @ mask @ R_x^T with small interpolation matrices — one batched matmul for all masks
-    instead of one interpolate call per mask, with the same sampling positions as F.interpolate.
+    instead of one interpolate call per mask.
+
+    mode "torchvision" rounds the grown box to whole pixels (one pixel wider than the box) with the same
+    sampling positions as torchvision, for bit-level parity. Mode "exact" puts the mask, to the sub-pixel,
+    over the region its training target was cut from: RoIAlign with aligned=False (Mask R-CNN's
+    convention, which torchvision's weights need) reads pixel i's value at coordinate i rather than at
+    its centre i + 0.5, so that region is the box moved half a pixel right and down. The rounding costs
+    small objects most (segm AP 0.575 -> 0.607 with the same weights on the shapes recipe,
+    benchmarks/README.md).
     """
+    if mode not in MASK_PASTE_MODES:
+        raise ValueError(f"unknown mask paste mode {mode!r}; choose one of {MASK_PASTE_MODES}")
     n, m = masks.shape[0], masks.shape[-1]
     height, width = image_size
     if n == 0:
         return masks.new_zeros((0, height, width))
     padded = F.pad(masks, (padding,) * 4)
     scale = (m + 2 * padding) / m
+    if mode == "exact":
+        grown_w = (boxes[:, 2] - boxes[:, 0]).clamp(min=1e-3) * scale
+        grown_h = (boxes[:, 3] - boxes[:, 1]).clamp(min=1e-3) * scale
+        cx = (boxes[:, 2] + boxes[:, 0]) * 0.5 + 0.5
+        cy = (boxes[:, 3] + boxes[:, 1]) * 0.5 + 0.5
+        rows = _exact_resize_matrix(cy - grown_h * 0.5, grown_h, m + 2 * padding, height, masks.dtype)
+        cols = _exact_resize_matrix(cx - grown_w * 0.5, grown_w, m + 2 * padding, width, masks.dtype)
+        return rows @ padded @ cols.transpose(1, 2)
     half_w = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale
     half_h = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
     cx = (boxes[:, 2] + boxes[:, 0]) * 0.5
@@ -59,6 +80,22 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int,
     rows = _resize_matrix(y0, y1, m + 2 * padding, height, masks.dtype)
     cols = _resize_matrix(x0, x1, m + 2 * padding, width, masks.dtype)
     return rows @ padded @ cols.transpose(1, 2)
+
+
+def _exact_resize_matrix(start: torch.Tensor, length: torch.Tensor, in_size: int, canvas: int,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """(N, canvas, in_size) bilinear weights: canvas pixel p (centre p + 0.5) reads the signal, which spans
+    [start, start + length) in continuous coordinates, at (p + 0.5 - start) / length * in_size - 0.5.
+    Positions are clamped to the signal's ends, which are the zero padding, so pixels outside read 0."""
+    pos = torch.arange(canvas, device=start.device, dtype=torch.float32) + 0.5
+    src = ((pos[None, :] - start[:, None].float()) / length[:, None].float() * in_size - 0.5).clamp(0, in_size - 1)
+    lo = src.floor().to(torch.int64)
+    hi = (lo + 1).clamp(max=in_size - 1)
+    frac = src - lo
+    weights = torch.zeros((len(start), canvas, in_size), dtype=torch.float32, device=start.device)
+    weights.scatter_add_(2, lo[..., None], (1 - frac)[..., None])
+    weights.scatter_add_(2, hi[..., None], frac[..., None])
+    return weights.to(dtype)
 
 
 def _resize_matrix(start: torch.Tensor, end: torch.Tensor, in_size: int, canvas: int,
