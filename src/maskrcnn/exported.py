@@ -21,6 +21,7 @@ import torch
 
 from .errors import MaskRCNNError
 from .modeling.model import ModelConfig
+from .modeling.postprocess import MASK_PASTE_MODES
 
 METADATA_KEY = "maskrcnn"            # ONNX metadata_props key and TorchScript extra file name
 METADATA_FORMAT = "maskrcnn.export.v1"
@@ -212,6 +213,8 @@ def rescale_boxes(boxes: np.ndarray, from_size: tuple[int, int], to_size: tuple[
 def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int], padding: int = 1,
                 mode: str = "torchvision") -> np.ndarray:
     """postprocess.paste_masks in numpy: (N, M, M) probabilities into their boxes on (N, H, W) canvases."""
+    if mode not in MASK_PASTE_MODES:
+        raise ValueError(f"unknown mask paste mode {mode!r}; choose one of {MASK_PASTE_MODES}")
     n, m = masks.shape[0], masks.shape[-1]
     height, width = image_size
     if n == 0:

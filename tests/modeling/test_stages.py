@@ -160,6 +160,8 @@ def test_exact_paste_is_grid_sample_over_the_half_pixel_shifted_box():
     assert np.allclose(in_numpy, pasted.numpy(), atol=2e-4)
     with pytest.raises(ValueError, match="paste mode"):
         paste_masks(masks, boxes, (height, width), mode="nearest")
+    with pytest.raises(ValueError, match="paste mode"):
+        paste_masks_numpy(masks.numpy(), boxes.numpy(), (height, width), mode="nearest")
 
 
 def test_exact_paste_puts_a_mask_target_back_where_it_was_cut():

@@ -37,7 +37,7 @@ class ModelConfig:
     rpn_conv_depth: int = 1
     box_head: str = "mlp"                # mlp (2fc) | split_mlp (2fc for classes, 2fc for boxes) | conv (4conv + 1fc)
     head_norm: str | None = None         # norm in the conv box head and the mask head
-    mlp_head_norm: str | None = None     # norm after each fully connected layer of the mlp box head: bn | gn
+    mlp_head_norm: str | None = None     # norm after each fully connected layer of the (split) mlp head: bn | gn
     box_head_hidden: int = 1024
     mask_head_channels: int = 256
     min_size: int | tuple[int, ...] = 800
