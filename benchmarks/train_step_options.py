@@ -30,6 +30,8 @@ DEFAULT_OPTIONS = {
     "mask_rois_32": {"model": {"mask_rois_per_image": 32}},
     "box_rois_64": {"model": {"box_batch_size_per_image": 64}},
     "rpn_top_500": {"model": {"rpn": {"pre_nms_top_n_train": 500, "post_nms_top_n_train": 500}}},
+    "box_points_2x2": {"model": {"box_sampling_ratio": 2}},
+    "box_points_3x3": {"model": {"box_sampling_ratio": 3}},
 }
 
 

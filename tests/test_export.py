@@ -188,9 +188,9 @@ def test_cli_export_then_predict_writes_what_pytorch_writes(fmt, model, val_imag
 
 
 def test_split_box_head_and_exact_mask_paste_survive_export(photos, tmp_path):
-    """The from-scratch recipe's options: two box heads in the graph, and the sub-pixel paste done by
-    the numpy code around it (the file's config says which paste)."""
-    model = tiny_model(box_head="split_mlp", mask_paste="exact")
+    """The from-scratch recipe's options: two box heads and 4x4 box sample points in the graph, and the
+    sub-pixel paste done by the numpy code around it (the file's config says which paste)."""
+    model = tiny_model(box_head="split_mlp", mask_paste="exact", box_sampling_ratio=4)
     with torch.no_grad():
         model.mask_predictor.logits.bias.fill_(-1.0)
     path = export(model, tmp_path / "split.onnx", "onnx")

@@ -199,7 +199,8 @@ def test_model_accepts_any_sizes_and_returns_input_pixels():
             assert 1 <= o["labels"].min() and o["labels"].max() <= 4
 
 
-def test_training_roi_align_matches_torchvision():
+@pytest.mark.parametrize("ratio", [2, 4])
+def test_training_roi_align_matches_torchvision(ratio):
     from torchvision.ops import roi_align as reference
 
     from maskrcnn.modeling.poolers import roi_align
@@ -215,7 +216,7 @@ def test_training_roi_align_matches_torchvision():
     for fn, layout in ((reference, torch.contiguous_format), (roi_align, torch.contiguous_format),
                        (roi_align, torch.channels_last)):
         x = feats.clone().contiguous(memory_format=layout).requires_grad_(True)
-        out = fn(x, rois, 7, 0.25, 2)
+        out = fn(x, rois, 7, 0.25, ratio)
         out.backward(torch.arange(out.numel(), dtype=torch.float32).reshape(out.shape) % 7 - 3)
         grads.append((out.detach(), x.grad))
     assert grads[0][0].abs().max() > 0 and grads[0][1].abs().max() > 0
@@ -366,6 +367,30 @@ def test_mask_predictor_training_path_takes_zero_rois():
     assert out.shape == (0, 28, 28)
     (out.sum() * 0).backward()
     assert predictor.upsample.weight.grad is not None and predictor.logits.weight.grad is not None
+
+
+def test_sampling_ratios_reach_the_poolers():
+    """box_sampling_ratio / mask_sampling_ratio: the RoIs of each head are pooled with that many sample
+    points per bin side, in eval (torchvision's kernel) and in training (the sparse one) alike."""
+    from torchvision.ops import roi_align as reference
+
+    from maskrcnn.modeling.model import build_model
+
+    model = build_model("resnet18_fpn", 3, box_sampling_ratio=4, mask_sampling_ratio=3, fpn_channels=8,
+                        mask_head_channels=8)
+    g = torch.Generator().manual_seed(0)
+    features = [torch.randn(1, 8, 64 // 2 ** i, 64 // 2 ** i, generator=g) for i in range(4)]
+    boxes = [torch.tensor([[2.0, 3.0, 50.0, 41.0], [10.0, 10.0, 30.5, 60.0]])]  # both pooled from P2
+    rois = torch.cat((torch.zeros(2, 1), boxes[0]), 1)
+    for pooler, size, ratio in ((model.box_pooler, 7, 4), (model.mask_pooler, 14, 3)):
+        expected = reference(features[0], rois, size, 0.25, ratio)
+        assert not torch.allclose(expected, reference(features[0], rois, size, 0.25, 2), atol=1e-3)
+        assert torch.allclose(pooler(features, boxes, [(256, 256)]), expected, atol=1e-6)
+        trainable = [f.clone().requires_grad_(True) for f in features]
+        assert torch.allclose(pooler(trainable, boxes, [(256, 256)]), expected, atol=1e-5)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="box_sampling_ratio"):
+            build_model("resnet18_fpn", 3, box_sampling_ratio=bad)
 
 
 def test_mlp_box_head_norm_is_batchnorm_after_each_layer():

@@ -39,6 +39,8 @@ class ModelConfig:
     head_norm: str | None = None         # norm in the conv box head and the mask head
     mlp_head_norm: str | None = None     # norm after each fully connected layer of the (split) mlp head: bn | gn
     box_head_hidden: int = 1024
+    box_sampling_ratio: int = 2          # RoIAlign sample points per bin side for the box head (torchvision: 2)
+    mask_sampling_ratio: int = 2         # the same for the mask head
     mask_head_channels: int = 256
     min_size: int | tuple[int, ...] = 800
     max_size: int = 1333
@@ -127,7 +129,11 @@ class MaskRCNN(nn.Module):
         anchors = AnchorGenerator(c.anchor_sizes, c.aspect_ratios)
         self.rpn = RegionProposalNetwork(RPNHead(c.fpn_channels, anchors.num_anchors_per_location,
                                                  c.rpn_conv_depth), anchors, c.rpn)
-        self.box_pooler = MultiLevelRoIAlign(7, sampling_ratio=2)
+        for name in ("box_sampling_ratio", "mask_sampling_ratio"):
+            value = getattr(c, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.box_pooler = MultiLevelRoIAlign(7, sampling_ratio=c.box_sampling_ratio)
         if c.box_head == "mlp":
             self.box_head = MLPBoxHead(c.fpn_channels, 7, c.box_head_hidden, norm=c.mlp_head_norm)
         elif c.box_head == "split_mlp":
@@ -147,7 +153,7 @@ class MaskRCNN(nn.Module):
             raise ValueError(f"unknown mask_paste {c.mask_paste!r}; choose one of {MASK_PASTE_MODES}")
         self.box_predictor = BoxPredictor(self.box_head.out_features, c.num_classes)
         self.box_coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
-        self.mask_pooler = MultiLevelRoIAlign(14, sampling_ratio=2)
+        self.mask_pooler = MultiLevelRoIAlign(14, sampling_ratio=c.mask_sampling_ratio)
         self.mask_head = MaskHead(c.fpn_channels, c.mask_head_channels, norm=c.head_norm)
         self.mask_predictor = MaskPredictor(c.mask_head_channels, c.num_classes, c.mask_head_channels)
 
