@@ -92,7 +92,7 @@ class TrainConfig:
         "box_head": "split_mlp", "gt_jitter_copies": 10,
         # 4x4 sample points per box-head bin instead of torchvision's 2x2: at ~256 px nearly every object is
         # pooled from P2, where a 100 px box's bins are 3.5 cells wide and 2 points per side skip cells
-        # (segm AP +0.044 and +0.031 on two training seeds; 1.06x step time; benchmarks/README.md)
+        # (segm AP +0.044 and +0.031 on two training seeds; 1.06x-1.25x step time; benchmarks/README.md)
         "box_sampling_ratio": 4,
         # masks pasted to the sub-pixel, not onto whole pixels as torchvision does (segm AP +0.03 from the
         # same weights, benchmarks/README.md)
