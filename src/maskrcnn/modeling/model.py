@@ -109,6 +109,13 @@ def build_model(arch: str = "resnet50_fpn", num_classes: int = 91, **options) ->
     return MaskRCNN(arch_config(arch, num_classes, **options))
 
 
+def _check_count(name: str, value, minimum: int, alternative: str = "") -> None:
+    """An int setting (not a bool, which Python counts as one) of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"{name} must be a {kind} integer{alternative}, got {value!r}")
+
+
 class MaskRCNN(nn.Module):
     PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -129,10 +136,10 @@ class MaskRCNN(nn.Module):
         anchors = AnchorGenerator(c.anchor_sizes, c.aspect_ratios)
         self.rpn = RegionProposalNetwork(RPNHead(c.fpn_channels, anchors.num_anchors_per_location,
                                                  c.rpn_conv_depth), anchors, c.rpn)
-        for name in ("box_sampling_ratio", "mask_sampling_ratio"):
-            value = getattr(c, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, minimum in (("box_sampling_ratio", 1), ("mask_sampling_ratio", 1), ("gt_jitter_copies", 0)):
+            _check_count(name, getattr(c, name), minimum)
+        if c.mask_rois_per_image is not None:
+            _check_count("mask_rois_per_image", c.mask_rois_per_image, 1, " or None (all positives)")
         self.box_pooler = MultiLevelRoIAlign(7, sampling_ratio=c.box_sampling_ratio)
         if c.box_head == "mlp":
             self.box_head = MLPBoxHead(c.fpn_channels, 7, c.box_head_hidden, norm=c.mlp_head_norm)
@@ -142,13 +149,6 @@ class MaskRCNN(nn.Module):
             self.box_head = ConvFCBoxHead(c.fpn_channels, 7, hidden=c.box_head_hidden, norm=c.head_norm)
         else:
             raise ValueError(f"unknown box head {c.box_head!r}; choose 'mlp', 'split_mlp' or 'conv'")
-        if c.mask_rois_per_image is not None and (not isinstance(c.mask_rois_per_image, int)
-                                                  or isinstance(c.mask_rois_per_image, bool)
-                                                  or c.mask_rois_per_image < 1):
-            raise ValueError(f"mask_rois_per_image must be a positive integer or None (all positives), "
-                             f"got {c.mask_rois_per_image!r}")
-        if isinstance(c.gt_jitter_copies, bool) or not isinstance(c.gt_jitter_copies, int) or c.gt_jitter_copies < 0:
-            raise ValueError(f"gt_jitter_copies must be a non-negative integer, got {c.gt_jitter_copies!r}")
         if c.mask_paste not in MASK_PASTE_MODES:
             raise ValueError(f"unknown mask_paste {c.mask_paste!r}; choose one of {MASK_PASTE_MODES}")
         self.box_predictor = BoxPredictor(self.box_head.out_features, c.num_classes)
