@@ -199,7 +199,7 @@ def test_model_accepts_any_sizes_and_returns_input_pixels():
             assert 1 <= o["labels"].min() and o["labels"].max() <= 4
 
 
-@pytest.mark.parametrize("ratio", [2, 4])
+@pytest.mark.parametrize("ratio", [2, 3, 4])
 def test_training_roi_align_matches_torchvision(ratio):
     from torchvision.ops import roi_align as reference
 
@@ -223,6 +223,26 @@ def test_training_roi_align_matches_torchvision(ratio):
     for out, grad in grads[1:]:
         assert torch.allclose(grads[0][0], out, atol=1e-5)
         assert torch.allclose(grads[0][1], grad, atol=1e-5)
+
+
+def test_pooling_map_has_one_entry_per_touched_cell():
+    """The sparse map sums the bilinear weights of a bin's sample points per feature cell: no row holds a
+    column twice or a zero weight, and a bin 3.5 cells wide touches at most 5x5 cells, not 4x4 points x 4."""
+    from maskrcnn.modeling.poolers import _pooling_map
+
+    rois = torch.tensor([[0.0, 8.0, 12.0, 106.0, 110.0], [1.0, -30.0, 50.0, 20.0, 99.0], [0.0, 3.0, 3.0, 3.2, 3.1]])
+    pooling = _pooling_map(rois, torch.Size((2, 8, 40, 40)), 7, 0.25, 4)
+    rows, cols, values = pooling.crow_indices(), pooling.col_indices(), pooling.values()
+    assert (values != 0).all()
+    per_row = rows.diff()
+    for r in range(len(per_row)):
+        row_cols = cols[rows[r]:rows[r + 1]]
+        assert len(row_cols.unique()) == len(row_cols)
+    assert per_row[:49].max() <= 25 and per_row[:49].min() >= 16  # first box: 98 px / 4 / 7 = 3.5 cells per bin
+    # every row's weights sum to the share of its sample points that fall on the map
+    dense = pooling.to_dense()
+    assert torch.allclose(dense[:49].sum(1), torch.ones(49))
+    assert dense[49:98].sum(1).min() < 1e-6  # the second box's left columns lie more than a cell off the map
 
 
 def test_folded_norms_give_the_same_features():
