@@ -161,6 +161,13 @@ def test_eval_rejects_a_checkpoint_whose_classes_do_not_fit(guard_run, tmp_path)
     assert "classes do not fit" in err and "6 classes" in err and "80" in err
 
 
+def test_eval_rejects_a_bad_proposal_count(guard_run, shapes):
+    code, _, err = run_cli(["eval", "--weights", str(guard_run / "model.safetensors"), "--proposals", "0",
+                            "--annotations", shapes["train_annotations"], "--images", shapes["train_images"],
+                            "--device", "cpu", "--no-progress"])
+    assert code == 2 and "--proposals must be at least 1" in err
+
+
 def test_finetune_from_checkpoint_with_other_classes(guard_run, shapes, tmp_path, one_thread):
     """6-class shapes weights -> a 2-class dataset with new names: class layers start fresh, the rest is kept."""
     data = json.loads(Path(shapes["train_annotations"]).read_text())

@@ -50,6 +50,22 @@ def test_load_can_choose_the_mask_paste(small_model, tmp_path):
         maskrcnn.load(path, mask_paste="nearest")
 
 
+def test_load_can_choose_the_number_of_proposals(small_model, tmp_path):
+    """load(..., proposals=N) caps the RPN proposals that reach the box head at N per image."""
+    path = tmp_path / "model.safetensors"
+    maskrcnn.save_checkpoint(small_model, path)
+    image = torch.rand(3, 120, 140)
+    seen = {}
+    for n in (None, 7):
+        model = maskrcnn.load(path, proposals=n)
+        model.box_pooler.register_forward_hook(lambda m, args, out: seen.__setitem__(n, len(args[1][0])))
+        model([image])
+    assert seen[7] == 7 and seen[None] > 7
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(MaskRCNNError, match="proposals"):
+            maskrcnn.load(path, proposals=bad)
+
+
 def test_old_torchvision_key_names_convert():
     old = {"backbone.fpn.inner_blocks.2.weight": 1, "rpn.head.conv.weight": 2,
            "roi_heads.mask_head.mask_fcn1.weight": 3, "roi_heads.mask_head.mask_fcn4.bias": 4,

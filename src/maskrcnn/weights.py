@@ -258,13 +258,15 @@ def fetch(name: str, progress: bool = True) -> Path:
 
 def load(source: str | os.PathLike, *, device: str | torch.device = "cpu", score_thresh: float = 0.05,
          nms_thresh: float = 0.5, detections_per_img: int = 100, precision: str = "fp32",
-         mask_paste: str | None = None) -> MaskRCNN:
+         mask_paste: str | None = None, proposals: int | None = None) -> MaskRCNN:
     """A ready-to-use model in eval mode from a checkpoint path or a registered name (see REGISTRY).
 
     Accepts torchvision Mask R-CNN state dicts (v1 or v2 layout, any class count, architecture read off
     the keys), our safetensors checkpoints and our training checkpoints. `precision="bf16"` trades
     exactness for speed (see MaskRCNN.precision). `mask_paste` overrides the checkpoint's way of pasting
     masks into the image ("exact" is sub-pixel, "torchvision" matches torchvision; see paste_masks).
+    `proposals` overrides how many RPN proposals per image reach the box head (the checkpoint's
+    `rpn.post_nms_top_n_test`: 1000 for torchvision's models, 300 for ours trained from scratch).
     """
     if precision not in MaskRCNN.PRECISIONS:
         raise MaskRCNNError(f"precision must be one of {', '.join(MaskRCNN.PRECISIONS)}, got {precision!r}")
@@ -281,6 +283,10 @@ def load(source: str | os.PathLike, *, device: str | torch.device = "cpu", score
     config.score_thresh, config.nms_thresh, config.detections_per_img = score_thresh, nms_thresh, detections_per_img
     if mask_paste is not None:
         config.mask_paste = mask_paste
+    if proposals is not None:
+        if isinstance(proposals, bool) or not isinstance(proposals, int) or proposals < 1:
+            raise MaskRCNNError(f"proposals must be a whole number >= 1, got {proposals!r}")
+        config.rpn.post_nms_top_n_test = proposals
     try:
         model = MaskRCNN(config, class_names, category_ids)
     except ValueError as e:

@@ -17,6 +17,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=2, help="images per forward pass (default 2)")
     p.add_argument("--score-thresh", type=float, default=0.05,
                    help="drop detections scoring below this (default 0.05, as in COCO evaluation)")
+    p.add_argument("--proposals", type=int, metavar="N",
+                   help="RPN proposals per image for the box head (default: the checkpoint's setting)")
     p.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability -> pixel (default 0.5)")
     p.add_argument("--per-class", action="store_true", help="also print AP per class")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -70,7 +72,9 @@ def run(args) -> int:
     if missing:
         raise MaskRCNNError(f"{missing[0]}: image file not found ({len(missing)} of the {len(dataset)} images "
                             f"listed in {args.annotations} are missing)")
-    model = load(args.weights, device=device, score_thresh=args.score_thresh)
+    if args.proposals is not None and args.proposals < 1:
+        raise MaskRCNNError("--proposals must be at least 1")
+    model = load(args.weights, device=device, score_thresh=args.score_thresh, proposals=args.proposals)
     check_classes(model, dataset, args.weights)
 
     results = predict_dataset(model, dataset, category_ids=model.category_ids, batch_size=args.batch_size,
