@@ -1,7 +1,7 @@
 """Training-step time of recipe options, side by side in one process: each option gets its own trainer on
 the same data and, with --weights, the same trained starting weights (later in a run there are more
 positive RoIs than at the start, so a fresh model times the cheap early steps). The options take turns
-step by step, so a slow minute of a noisy machine slows them all alike.
+step by step, each round starting with the next one, so a slow minute of a noisy machine slows them all alike.
 
     python benchmarks/train_step_options.py --annotations data/shapes/annotations/instances_train.json \\
         --images data/shapes/train --weights runs/shapes/model.safetensors
@@ -66,8 +66,11 @@ def main() -> None:
                 trainer.model.load_state_dict(state, strict=False)
             steps[name] = _stepper(trainer)
         times = {name: [] for name in steps}
+        names = list(steps)
         for i in range(args.steps + 2):
-            for name, step in steps.items():
+            # a different option goes first each round: the first step after another trainer's ran slower
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                step = steps[name]
                 start = time.perf_counter()
                 step(i)
                 if i >= 2:

@@ -266,7 +266,7 @@ def load(source: str | os.PathLike, *, device: str | torch.device = "cpu", score
     exactness for speed (see MaskRCNN.precision). `mask_paste` overrides the checkpoint's way of pasting
     masks into the image ("exact" is sub-pixel, "torchvision" matches torchvision; see paste_masks).
     `proposals` overrides how many RPN proposals per image reach the box head (the checkpoint's
-    `rpn.post_nms_top_n_test`: 1000 for torchvision's models, 300 for ours trained from scratch).
+    `rpn.post_nms_top_n_test`: 1000 for torchvision's models, 100 for ours trained from scratch).
     """
     if precision not in MaskRCNN.PRECISIONS:
         raise MaskRCNNError(f"precision must be one of {', '.join(MaskRCNN.PRECISIONS)}, got {precision!r}")

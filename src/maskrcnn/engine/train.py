@@ -34,7 +34,6 @@ from ..errors import MaskRCNNError
 from . import distributed
 from .checkpoint import TRAIN_FORMAT_TAG, atomic_torch_save, read_training_checkpoint
 from .ema import WeightAverage
-from .memory import keep_freed_memory
 
 # Independent random streams derived from the one run seed (see the module docstring).
 _DATA_ORDER, _AUGMENT, _SAMPLING, _STEP, _INIT = 1, 2, 3, 4, 5
@@ -93,7 +92,8 @@ class TrainConfig:
         "box_head": "split_mlp", "gt_jitter_copies": 10,
         # 4x4 sample points per box-head bin instead of torchvision's 2x2: at ~256 px nearly every object is
         # pooled from P2, where a 100 px box's bins are 3.5 cells wide and 2 points per side skip cells
-        # (segm AP +0.044 and +0.031 on two training seeds; 1.06x-1.25x step time; benchmarks/README.md)
+        # (segm AP +0.044 and +0.031 on two training seeds, benchmarks/README.md). Since the sparse RoIAlign
+        # keeps one weight per feature cell, not per point, a step costs the same as with 2x2 points.
         "box_sampling_ratio": 4,
         # masks pasted to the sub-pixel, not onto whole pixels as torchvision does (segm AP +0.03 from the
         # same weights, benchmarks/README.md)
@@ -101,10 +101,11 @@ class TrainConfig:
         # anchors for objects of 10-200 px (small images); the COCO sizes start at 32 px
         "anchor_sizes": [16, 32, 64, 128, 256],
         # 1000 candidates per level are plenty at ~256 px (P3 has ~4k anchors); NMS cost grows with n^2.
-        # At test time 300 proposals per image instead of 1000 (the original Faster R-CNN's count): the box
-        # head's cost at evaluation falls with them, and fewer near-duplicate proposals gave the same or
-        # higher AP on the same weights (benchmarks/README.md). Raise it for images with hundreds of objects.
-        "rpn": {"pre_nms_top_n_train": 1000, "post_nms_top_n_train": 1000, "post_nms_top_n_test": 300},
+        # At test time 100 proposals per image instead of 1000: on five trained models the same weights gave
+        # higher AP with 100 than with 300 or 1000 (benchmarks/README.md), and the box head's cost at
+        # evaluation falls with them. At most ~100 objects per image then: raise it for crowded images
+        # (`--model-option rpn.post_nms_top_n_test=1000`, or `maskrcnn eval --proposals 1000`).
+        "rpn": {"pre_nms_top_n_train": 1000, "post_nms_top_n_train": 1000, "post_nms_top_n_test": 100},
     })
     model: dict = field(default_factory=dict)  # ModelConfig overrides applied last (scratch or fine-tune)
     init: str | None = None                    # weights to fine-tune from (any format maskrcnn.load reads)
@@ -393,8 +394,6 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     if config.threads:
         torch.set_num_threads(config.threads)
     info, device = distributed.setup(config.device)
-    if device.type == "cpu":
-        keep_freed_memory()
     finished = False
     try:
         summary = _Trainer(resolve_defaults(config, device), info, device, resume, progress).run(stop_after)
