@@ -72,8 +72,6 @@ def run(args) -> int:
     if missing:
         raise MaskRCNNError(f"{missing[0]}: image file not found ({len(missing)} of the {len(dataset)} images "
                             f"listed in {args.annotations} are missing)")
-    if args.proposals is not None and args.proposals < 1:
-        raise MaskRCNNError("--proposals must be at least 1")
     model = load(args.weights, device=device, score_thresh=args.score_thresh, proposals=args.proposals)
     check_classes(model, dataset, args.weights)
 
