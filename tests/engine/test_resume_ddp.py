@@ -113,14 +113,21 @@ def test_two_process_ddp_matches_one_process(shapes, tmp_path, one_thread):
     a = load_file(tmp_path / "single" / "model.safetensors")
     b = load_file(tmp_path / "ddp" / "model.safetensors")
     worst = max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point())
-    assert worst < 1e-5, f"DDP weights differ from single-process weights by up to {worst}"
+    # After one step the two agree to ~1e-6 (float summation order of the gradient sums); over the next steps
+    # that grows with the CPU's kernels: under 1e-5 on an Intel AMX machine, 4e-5 to 6e-5 on an AMD EPYC one,
+    # mostly in the first conv and the class logits. A wrong gradient average, shard or seed moves weights
+    # by the order of one update (the check below: > 100x the difference).
+    assert worst < 1e-4, f"DDP weights differ from single-process weights by up to {worst}"
     # The weights moved far more than the tolerance, so the agreement is not trivial.
     initial, _ = build_training_model(tiny_config(shapes, tmp_path / "x", **common), 7, ["bg"] * 7, list(range(7)))
     moved = max((a[k] - v).abs().max().item() for k, v in initial.state_dict().items() if v.is_floating_point())
-    assert moved > 100 * max(worst, 1e-6)
+    assert moved > 100 * max(worst, 1e-6), (moved, worst)
     single_losses = [r["loss"] for r in read_metrics(tmp_path / "single" / "metrics.jsonl") if r["type"] == "train"]
     ddp_losses = [r["loss"] for r in read_metrics(tmp_path / "ddp" / "metrics.jsonl") if r["type"] == "train"]
-    assert single_losses == pytest.approx(ddp_losses, rel=1e-4)
+    # the first loss comes before any update: the same global batch gives the same loss up to summation order;
+    # the later ones inherit the weights' drift above
+    assert single_losses[0] == pytest.approx(ddp_losses[0], rel=1e-6)
+    assert single_losses == pytest.approx(ddp_losses, rel=1e-3)
     # Only rank 0 wrote files.
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(
         p.name for p in (tmp_path / "single").iterdir())
