@@ -62,7 +62,7 @@ def test_load_can_choose_the_number_of_proposals(small_model, tmp_path):
         model([image])
     assert seen[7] == 7 and seen[None] > 7
     for bad in (0, -3, 2.5, True):
-        with pytest.raises(MaskRCNNError, match="proposals"):
+        with pytest.raises(MaskRCNNError, match=r"model.safetensors: rpn.post_nms_top_n_test must be a positive integer"):
             maskrcnn.load(path, proposals=bad)
 
 

@@ -284,9 +284,7 @@ def load(source: str | os.PathLike, *, device: str | torch.device = "cpu", score
     if mask_paste is not None:
         config.mask_paste = mask_paste
     if proposals is not None:
-        if isinstance(proposals, bool) or not isinstance(proposals, int) or proposals < 1:
-            raise MaskRCNNError(f"proposals must be a whole number >= 1, got {proposals!r}")
-        config.rpn.post_nms_top_n_test = proposals
+        config.rpn.post_nms_top_n_test = proposals  # checked with the other settings when the model is built
     try:
         model = MaskRCNN(config, class_names, category_ids)
     except ValueError as e:

@@ -411,6 +411,8 @@ def test_sampling_ratios_reach_the_poolers():
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="box_sampling_ratio"):
             build_model("resnet18_fpn", 3, box_sampling_ratio=bad)
+    with pytest.raises(ValueError, match="rpn.pre_nms_top_n_train must be a positive integer, got 0"):
+        build_model("resnet18_fpn", 3, rpn={"pre_nms_top_n_train": 0})
 
 
 def test_mlp_box_head_norm_is_batchnorm_after_each_layer():

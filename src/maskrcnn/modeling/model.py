@@ -138,6 +138,8 @@ class MaskRCNN(nn.Module):
                                                  c.rpn_conv_depth), anchors, c.rpn)
         for name, minimum in (("box_sampling_ratio", 1), ("mask_sampling_ratio", 1), ("gt_jitter_copies", 0)):
             _check_count(name, getattr(c, name), minimum)
+        for name in ("pre_nms_top_n_train", "pre_nms_top_n_test", "post_nms_top_n_train", "post_nms_top_n_test"):
+            _check_count(f"rpn.{name}", getattr(c.rpn, name), 1)
         if c.mask_rois_per_image is not None:
             _check_count("mask_rois_per_image", c.mask_rois_per_image, 1, " or None (all positives)")
         self.box_pooler = MultiLevelRoIAlign(7, sampling_ratio=c.box_sampling_ratio)
