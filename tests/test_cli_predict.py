@@ -21,7 +21,7 @@ from pycocotools import mask as mask_utils
 import maskrcnn
 from maskrcnn.cli import main
 from conftest import tiny_model
-from maskrcnn.commands.predict import InputItem, _output_files, assign_output_names, expand_inputs
+from maskrcnn.commands._predict_inputs import InputItem, _output_files, assign_output_names, expand_inputs
 
 # pycocotools' decode trips a numpy 2 deprecation inside its own code; nothing to fix on our side.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

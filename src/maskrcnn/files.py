@@ -1,22 +1,39 @@
-"""Atomic file writing: a reader (or a crash) never sees a half-written checkpoint, report or json."""
+"""Atomic file writing: a reader (or a crash) never sees a half-written checkpoint, report or json.
+
+Every temporary file is named `.<final name>.<pid>.<8 hex>.tmp` (plus the final suffix where a writer picks
+its format from it, e.g. `.tmp.mp4`), beside the final file. A killed process leaves such files behind;
+`remove_stale_temps` removes exactly those (our name pattern, written by a process that is no longer running)
+and nothing else.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+_TEMP_NAME = re.compile(r"^\..+\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp(\.[A-Za-z0-9]{1,8})?$")
+
+
+def temp_path(path: str | os.PathLike, keep_suffix: bool = False) -> Path:
+    """A fresh temporary name beside `path` (see the module docstring); `keep_suffix` ends it with the
+    final file's suffix, for writers that choose the file format from the name (OpenCV's video writer)."""
+    path = Path(path)
+    suffix = path.suffix if keep_suffix else ""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, keep_suffix: bool = False) -> Iterator[Path]:
     """Yields a temporary path beside `path`; when the block succeeds it is renamed onto `path`, when it
-    fails it is removed. The temp file is opened normally by the writer, so it gets the user's usual
-    permissions (tempfile.mkstemp would make every result private, 0600)."""
+    fails (any exception, KeyboardInterrupt included) it is removed. The temp file is opened normally by the
+    writer, so it gets the user's usual permissions (tempfile.mkstemp would make every result private, 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temp_path(path, keep_suffix)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -28,3 +45,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files that killed runs left in `folder` (not its subfolders): only names made
+    by `temp_path`, and only those whose process is no longer running here, so a run writing into the same
+    folder at the same time keeps its files. Returns what was removed."""
+    removed = []
+    for entry in os.scandir(folder):
+        match = _TEMP_NAME.match(entry.name)
+        if match is None or not entry.is_file(follow_symlinks=False) or _is_running(int(match["pid"])):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _is_running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":
+        return False  # os.kill(pid, 0) would end the process on Windows; rely on the caller's timing
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process (or a pid too large to be one): leave its files alone
+    return True

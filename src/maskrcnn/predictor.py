@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import torch
 
-from .data.images import read_image, to_float_tensor
+from .data.images import DEFAULT_MAX_PIXELS, read_image, to_float_tensor
 from .errors import MaskRCNNError
 from .exported import ExportedModel, is_exported_file
 from .modeling.model import MaskRCNN
@@ -36,13 +36,18 @@ class Predictor:
     Any model runs in eval mode during our calls and gets its own mode back afterwards.
     `score_thresh`, `max_detections` and `precision` ("fp32", "bf16", "fp16"; None keeps the model's)
     are applied only during our calls, so a model handed in is left as it was.
+    `max_pixels` refuses image *files* with more pixels (read from the header, before decoding; None: no
+    limit); the default, 64 million, is explained in `maskrcnn predict --help`. Arrays are not checked.
     """
 
     def __init__(self, weights_or_model, *, device: str | torch.device | None = None,
                  score_thresh: float | None = None, mask_threshold: float = 0.5, batch_size: int = 1,
-                 max_detections: int | None = None, precision: str | None = None):
+                 max_detections: int | None = None, precision: str | None = None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
         if batch_size < 1:
             raise MaskRCNNError(f"batch_size must be >= 1, got {batch_size}")
+        if max_pixels is not None and max_pixels < 1:
+            raise MaskRCNNError(f"max_pixels must be >= 1 (or None: no limit), got {max_pixels}")
         if not 0.0 <= mask_threshold <= 1.0:
             raise MaskRCNNError(f"mask_threshold must be in [0, 1], got {mask_threshold}")
         if score_thresh is not None and not 0.0 <= score_thresh <= 1.0:
@@ -72,6 +77,7 @@ class Predictor:
         self.precision = precision
         self.mask_threshold = mask_threshold
         self.batch_size = batch_size
+        self.max_pixels = max_pixels
 
     # ------------------------------------------------------------------------------------------ basics
 
@@ -107,9 +113,10 @@ class Predictor:
 
     def predict_files(self, paths: Iterable[str | os.PathLike], progress: bool = True,
                       with_images: bool = False) -> Iterator[tuple]:
-        """Yield `(path, Detections)` per file in order, or `(path, exception)` for one that cannot be read,
-        so that one bad file never loses the others. `with_images=True` yields `(path, image, result)`
-        with the decoded HxWx3 image (None on failure), which is what drawing overlays needs."""
+        """Yield `(path, Detections)` per file in order, or `(path, MaskRCNNError)` for one that cannot be
+        read, is over `max_pixels` or runs out of memory, so that one bad file never loses the others (a
+        batch that runs out of memory is retried one image at a time). `with_images=True` yields
+        `(path, image, result)` with the decoded HxWx3 image (None on failure), which drawing overlays needs."""
         paths = list(paths)
         bar = _progress_bar(len(paths), "image", enabled=progress)
         pending: list[tuple] = []  # (path, image, tensor) waiting for a full batch
@@ -119,10 +126,7 @@ class Predictor:
                 return
             batch = list(pending)
             pending.clear()
-            try:
-                outputs = self._run([t for _, _, t in batch], [str(p) for p, _, _ in batch])
-            except (MaskRCNNError, torch.OutOfMemoryError) as error:  # e.g. an image too large for the GPU
-                outputs = [_as_user_error(p, error) for p, _, _ in batch]
+            outputs = self._run_or_errors(batch)
             for (path, image, _), result in zip(batch, outputs):
                 bar.update(1)
                 yield (path, image, result) if with_images else (path, result)
@@ -130,12 +134,14 @@ class Predictor:
         try:
             for path in paths:
                 try:
-                    image = read_image(path)
+                    image = read_image(path, self.max_pixels)
                     tensor = to_float_tensor(image)
-                except (MaskRCNNError, ValueError) as error:
+                except (MaskRCNNError, ValueError, MemoryError, RuntimeError) as error:
+                    if isinstance(error, RuntimeError) and not is_out_of_memory(error):
+                        raise
                     yield from flush()  # keep the output in input order
                     bar.update(1)
-                    error = _as_user_error(path, error)
+                    error = as_user_error(path, error)
                     yield (path, None, error) if with_images else (path, error)
                     continue
                 pending.append((path, image, tensor))
@@ -147,10 +153,23 @@ class Predictor:
 
     # ------------------------------------------------------------------------------------------ internals
 
+    def _run_or_errors(self, batch: list[tuple]) -> list:
+        """`_run` over (path, image, tensor) triples, with a one-line error in place of the Detections of
+        an image that cannot be run; after running out of memory, a batch is retried one image at a time."""
+        try:
+            return self._run([t for _, _, t in batch], [str(p) for p, _, _ in batch])
+        except (MaskRCNNError, MemoryError, RuntimeError) as error:  # e.g. an image too large for the GPU
+            if isinstance(error, RuntimeError) and not is_out_of_memory(error):
+                raise
+            if len(batch) == 1 or isinstance(error, MaskRCNNError):
+                return [as_user_error(p, error) for p, _, _ in batch]
+        # Retried outside the except block, whose traceback still holds the failed batch's memory.
+        return [result for one in batch for result in self._run_or_errors([one])]
+
     def _prepare(self, image) -> tuple[torch.Tensor, str | None]:
         """Any accepted input -> ((3,H,W) float tensor in [0,1], file name or None)."""
         if isinstance(image, (str, os.PathLike)):
-            return to_float_tensor(read_image(image)), str(image)
+            return to_float_tensor(read_image(image, self.max_pixels)), str(image)
         try:
             return to_float_tensor(image), None
         except ValueError as error:
@@ -204,12 +223,27 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def _as_user_error(path, error: Exception) -> MaskRCNNError:
+def is_out_of_memory(error: BaseException) -> bool:
+    """MemoryError, or torch failing to allocate (CUDA's OutOfMemoryError, the CPU allocator's
+    "can't allocate memory" RuntimeError, other backends' "out of memory")."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    message = str(error).lower()
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in message or "out of memory" in message)
+
+
+def as_user_error(path, error: Exception) -> MaskRCNNError:
     """A one-line error that names the file (read_image's errors already do)."""
     if isinstance(error, MaskRCNNError) and str(path) in str(error):
         return error
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return MaskRCNNError(f"{path}: {first_line}")
+    if is_out_of_memory(error):
+        return MaskRCNNError(f"{path}: not enough memory to process this image "
+                             f"({type(error).__name__}: {_first_line(error)})")
+    return MaskRCNNError(f"{path}: {_first_line(error)}")
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 class _NoBar:

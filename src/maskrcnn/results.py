@@ -6,13 +6,13 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from pycocotools import mask as mask_utils
 
+from .files import atomic_path
 from .viz import class_color, draw_detections, topmost_instance
 
 __all__ = ["Detections", "encode_rle", "save_semantic_png", "save_instance_png"]
@@ -206,8 +206,8 @@ def save_semantic_png(path: str | os.PathLike, semantic_map: np.ndarray, class_n
     picture.putpalette(palette)  # turns the "L" image into "P" keeping the values as palette indices
     info = PngInfo()
     info.add_text("classes", json.dumps(list(class_names)))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path, format="PNG", pnginfo=info)
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG", pnginfo=info)
 
 
 def save_instance_png(path: str | os.PathLike, instance_map: np.ndarray) -> None:
@@ -218,5 +218,5 @@ def save_instance_png(path: str | os.PathLike, instance_map: np.ndarray) -> None
         raise ValueError(f"expected an (H, W) instance map, got shape {instance_map.shape}")
     if instance_map.size and (instance_map.min() < 0 or instance_map.max() > np.iinfo(np.uint16).max):
         raise ValueError("instance ids must be in 0..65535 for a 16-bit PNG")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(instance_map.astype(np.uint16)).save(path, format="PNG")
+    with atomic_path(path) as tmp:
+        Image.fromarray(instance_map.astype(np.uint16)).save(tmp, format="PNG")

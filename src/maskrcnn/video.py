@@ -6,6 +6,7 @@ nowhere else.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import MaskRCNNError
+from .files import temp_path
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 
@@ -83,14 +85,15 @@ class VideoReader:
 class VideoWriter:
     """An mp4 (mp4v codec) written under a temporary name and renamed on success.
 
-    The rename means an interrupted run never leaves a half-written file under the final name.
-    Frame size is fixed by the first frame; all frames must be HxWx3 uint8 RGB.
+    The rename means an interrupted run never leaves a half-written file under the final name; the
+    temporary name is `files.temp_path`'s, so a killed run's leftover is removed by the next run
+    (`files.remove_stale_temps`). Frame size is fixed by the first frame; all frames must be HxWx3 uint8 RGB.
     """
 
     def __init__(self, path: str | os.PathLike, fps: float):
         self.path = Path(path)
         # The temporary name keeps the .mp4 suffix because OpenCV picks the container from it.
-        self._tmp = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
+        self._tmp = temp_path(self.path, keep_suffix=True)
         self.fps = fps if np.isfinite(fps) and fps > 0 else _FALLBACK_FPS
         self._writer = None
         self.frames_written = 0
@@ -116,10 +119,14 @@ class VideoWriter:
         if self._writer is not None:
             self._writer.release()
             self._writer = None
-        if keep and self.frames_written:
-            os.replace(self._tmp, self.path)
-        elif self._tmp.exists():
-            self._tmp.unlink()
+        try:
+            if keep and self.frames_written:
+                if not self._tmp.is_file() or self._tmp.stat().st_size == 0:  # OpenCV reports no write errors
+                    raise OSError(errno.EIO, "OpenCV wrote no video data (is the disk full?)", str(self.path))
+                os.replace(self._tmp, self.path)
+        finally:
+            if self._tmp.exists():
+                self._tmp.unlink()
 
     def __enter__(self) -> "VideoWriter":
         return self

@@ -9,10 +9,10 @@ from __future__ import annotations
 import colorsys
 import functools
 import os
-from pathlib import Path
-
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from .files import atomic_path
 
 __all__ = ["class_color", "instance_colors", "draw_detections", "save_png", "to_display_uint8", "paint_order",
            "topmost_instance"]
@@ -313,5 +313,5 @@ def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
     keep = array.dtype == np.uint8 and (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4)))
     if not keep:
         array = to_display_uint8(array)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(array)).save(path, format="PNG")
+    with atomic_path(path) as tmp:  # never a half-written PNG under the final name (a full disk, a kill)
+        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")

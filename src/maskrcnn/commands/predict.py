@@ -1,14 +1,20 @@
 """maskrcnn predict: overlays, COCO-format predictions and optional maps/counts for images and videos.
 
-Under `torchrun --nproc_per_node=N` the inputs are dealt out to the processes (process r takes inputs
-r, r+N, ...); each writes its own overlays and a part file, and process 0 merges the parts into one
-predictions.json in input order.
+Each input's results go to the journal, DIR/predictions.jsonl, as soon as its files are written
+(maskrcnn/journal.py), so a killed run keeps them and `--resume` goes on from there; predictions.json is
+written from the journal at the end. One input that cannot be read, is too large or runs out of memory
+costs only itself (exit status 1 at the end); a failed write (a full disk) stops the run with one line.
+
+Under `torchrun --nproc_per_node=N` the inputs still to do are dealt out to the processes (process r takes
+r, r+N, ...); each writes its own overlays and journal part, and process 0 folds the parts into
+predictions.jsonl and writes one predictions.json in input order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import glob
+import hashlib
 import io
 import json
 import sys
@@ -16,13 +22,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..data.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PIXELS_HELP
 from ..files import write_text_atomic
+from ._predict_inputs import InputItem, assign_output_names, expand_inputs
 
 NAME = "predict"
 HELP = "segment images, folders, globs or videos; write overlays and predictions.json"
 ORDER = 10
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm")
 
 
 def add_arguments(p) -> None:
@@ -32,7 +38,10 @@ def add_arguments(p) -> None:
     p.add_argument("--weights", required=True, metavar="SRC",
                    help="checkpoint file (ours or a torchvision state dict), a registered name, or a file "
                         "from `maskrcnn export` (.onnx runs on ONNX Runtime; exported files run on the CPU)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder (created if missing); DIR/predictions.jsonl records each input as it "
+                        "finishes. A finished run's journal is replaced by a new run, an interrupted one is "
+                        "refused without --resume")
     p.add_argument("--score-thresh", type=float, default=0.5, metavar="S",
                    help="keep detections scoring above this (default 0.5; 0.05 is usual for COCO evaluation)")
     p.add_argument("--mask-threshold", type=float, default=0.5, metavar="P",
@@ -50,100 +59,31 @@ def add_arguments(p) -> None:
                    help="write counts.csv (objects per image and class) and print per-class totals")
     p.add_argument("--no-overlay", action="store_true", help="skip the overlay images/videos")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-# ---------------------------------------------------------------------------------------------- inputs
-
-@dataclass
-class InputItem:
-    """One thing to predict: an image or a video, with the output name its files are written under."""
-
-    index: int
-    path: Path
-    is_video: bool
-    output_name: str = ""
-
-
-def expand_inputs(patterns: list[str]) -> tuple[list[Path], list[str]]:
-    """Files, folders and glob patterns -> (files in order, one message per pattern that found nothing).
-
-    Globs are expanded here too, for shells (Windows) and quoting that leave them alone. A file reached
-    twice (a folder and a glob over it) is predicted once.
-    """
-    from ..video import VIDEO_EXTENSIONS
-
-    known = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
-    files: list[Path] = []
-    problems: list[str] = []
-    for pattern in patterns:
-        path = Path(pattern)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in known)
-            if not found:
-                problems.append(f"{pattern}: folder has no images or videos")
-        elif path.exists():
-            found = [path]
-        elif glob.has_magic(pattern):
-            found = sorted(Path(p) for p in glob.glob(pattern)
-                           if Path(p).is_file() and Path(p).suffix.lower() in known)
-            if not found:
-                problems.append(f"{pattern}: pattern matches no images or videos")
-        else:
-            found = []
-            problems.append(f"{pattern}: file not found")
-        files.extend(found)
-    seen: set[Path] = set()
-    unique = []
-    for path in files:
-        key = path.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(path)
-    return unique, problems
-
-
-def _output_files(name: str, is_video: bool) -> list[str]:
-    if is_video:
-        return [f"{name}_overlay.mp4"]
-    return [f"{name}.png", f"{name}_semantic.png", f"{name}_instances.png"]
-
-
-def assign_output_names(items: list[InputItem]) -> None:
-    """Give every input a name whose output files collide with no other input's.
-
-    The first input keeps its plain stem; a later one with the same stem (a/x.jpg then b/x.jpg) gets its
-    folder name in front ('b_x'), then its extension, then a number. Every process computes the same
-    names from the same input list, which is what keeps torchrun runs consistent.
-    """
-    claimed: set[str] = set()
-    for item in items:
-        stem = item.path.stem
-        parent = item.path.parent.name or item.path.resolve().parent.name or "root"
-        extension = item.path.suffix.lstrip(".").lower()
-        candidates = [stem, f"{parent}_{stem}", f"{parent}_{stem}_{extension}"]
-        number = 2
-        while True:
-            name = candidates.pop(0) if candidates else f"{parent}_{stem}_{extension}_{number}"
-            files = [f.lower() for f in _output_files(name, item.is_video)]  # case-insensitive file systems
-            if not claimed.intersection(files):
-                break
-            if not candidates:
-                number += 1
-        claimed.update(files)
-        item.output_name = name
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in DIR: inputs recorded in predictions.jsonl are skipped "
+                        "(failed ones are tried again); refused if it was made with other weights or settings")
+    p.add_argument("--max-pixels", type=float, default=DEFAULT_MAX_PIXELS / 1e6, metavar="MP",
+                   help="refuse images with more than MP million pixels, read from the file header before "
+                        f"decoding (0: no limit). Default {DEFAULT_MAX_PIXELS_HELP}")
 
 
 # ---------------------------------------------------------------------------------------------- outputs
 
 @dataclass
 class InputRecord:
-    """What one input produced, in a JSON-ready form so it can travel between processes as a file."""
+    """What one input produced: one line of the journal (maskrcnn/journal.py), in a JSON-ready form."""
 
-    index: int
     file_name: str
+    output_name: str
     ok: bool = True
+    error: str = ""
     entries: list[dict] = field(default_factory=list)
     counts: list[list] = field(default_factory=list)  # [frame or "", class name or "", count]
+
+    def fail(self, error: Exception) -> "InputRecord":
+        _report(str(error))
+        self.ok, self.error, self.entries, self.counts = False, str(error), [], []
+        return self
 
 
 def coco_entries(detections, file_name: str, frame: int | None = None) -> list[dict]:
@@ -205,6 +145,18 @@ def class_totals_table(records: list[InputRecord]) -> str:
 
 # ---------------------------------------------------------------------------------------------- work
 
+class _WriteFailed(Exception):
+    """An output file could not be written (a full disk, a read-only folder): the run stops."""
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    try:
+        yield
+    except OSError as error:
+        raise _WriteFailed(f"{path}: cannot write: {error.strerror or error}") from None
+
+
 def _report(message: str) -> None:
     """One line per failed input, printed around (not through) any progress bar."""
     from tqdm import tqdm
@@ -212,118 +164,198 @@ def _report(message: str) -> None:
     tqdm.write(f"maskrcnn predict: error: {message}", file=sys.stderr)
 
 
-def _predict_images(predictor, items: list[InputItem], out: Path, args, progress: bool) -> list[InputRecord]:
+def _predict_images(predictor, items: list[InputItem], out: Path, args, progress: bool, done) -> None:
+    """Predict the images, write their files and hand each one's record to `done`, in input order."""
+    from ..predictor import as_user_error, is_out_of_memory
+
+    results = predictor.predict_files([item.path for item in items], progress=progress, with_images=True)
+    for item, (_, image, result) in zip(items, results):  # predict_files keeps the input order
+        record = InputRecord(str(item.path), item.output_name)
+        if isinstance(result, Exception):
+            done(record.fail(result))
+            continue
+        try:
+            _write_image_outputs(record, result, image, out, args)
+        except (MemoryError, RuntimeError) as error:  # drawing or mapping a huge image
+            if not is_out_of_memory(error):
+                raise
+            record.fail(as_user_error(item.path, error))
+        done(record)
+
+
+def _write_image_outputs(record: InputRecord, result, image, out: Path, args) -> None:
     from ..results import save_instance_png, save_semantic_png
     from ..viz import save_png
 
-    records = []
-    results = predictor.predict_files([item.path for item in items], progress=progress, with_images=True)
-    for item, (_, image, result) in zip(items, results):  # predict_files keeps the input order
-        record = InputRecord(item.index, str(item.path))
-        if isinstance(result, Exception):
-            _report(str(result))
-            record.ok = False
-            records.append(record)
-            continue
-        result.file_name = str(item.path)
-        record.entries = coco_entries(result, str(item.path))
-        record.counts = count_rows(record.entries)
-        if not args.no_overlay:
-            # draw() stretches 16-bit and float pixels for display itself.
-            save_png(out / f"{item.output_name}.png", result.draw(image))
-        if args.semantic:
-            save_semantic_png(out / f"{item.output_name}_semantic.png", result.semantic_map(), result.class_names)
-            save_instance_png(out / f"{item.output_name}_instances.png", result.instance_map())
-        records.append(record)
-    return records
+    result.file_name = record.file_name
+    record.entries = coco_entries(result, record.file_name)
+    record.counts = count_rows(record.entries)
+    if not args.no_overlay:
+        path = out / f"{record.output_name}.png"
+        with _writing(path):  # draw() stretches 16-bit and float pixels for display itself.
+            save_png(path, result.draw(image))
+    if args.semantic:
+        path = out / f"{record.output_name}_semantic.png"
+        with _writing(path):
+            save_semantic_png(path, result.semantic_map(), result.class_names)
+        path = out / f"{record.output_name}_instances.png"
+        with _writing(path):
+            save_instance_png(path, result.instance_map())
 
 
 def _predict_video(predictor, item: InputItem, out: Path, args, progress: bool) -> InputRecord:
     from ..errors import MaskRCNNError
+    from ..predictor import as_user_error, is_out_of_memory
     from ..video import predict_video
 
-    record = InputRecord(item.index, str(item.path))
+    record = InputRecord(str(item.path), item.output_name)
     overlay = None if args.no_overlay else out / f"{item.output_name}_overlay.mp4"
     try:
-        for frame_index, _, detections in predict_video(predictor, item.path, overlay_path=overlay,
-                                                        progress=progress):
-            entries = coco_entries(detections, str(item.path), frame=frame_index)
-            record.entries.extend(entries)
-            record.counts.extend(count_rows(entries, frame=frame_index))
-    except MaskRCNNError as error:
-        _report(str(error))
-        record.ok = False
-        record.entries, record.counts = [], []
+        with _writing(overlay):
+            for frame_index, _, detections in predict_video(predictor, item.path, overlay_path=overlay,
+                                                            progress=progress):
+                entries = coco_entries(detections, str(item.path), frame=frame_index)
+                record.entries.extend(entries)
+                record.counts.extend(count_rows(entries, frame=frame_index))
+    except (MaskRCNNError, MemoryError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and not is_out_of_memory(error):
+            raise
+        record.fail(as_user_error(item.path, error))
     return record
 
 
-def run(args) -> int:
-    from ..engine import distributed
+def _predict_all(predictor, items: list[InputItem], out: Path, args, progress: bool, writer) -> None:
+    """Images first (batched), then videos; each input's record goes to the journal once its files are."""
+
+    def done(record: InputRecord) -> None:
+        with _writing(writer.path):
+            writer.append(asdict(record))
+
+    _predict_images(predictor, [it for it in items if not it.is_video], out, args, progress, done)
+    for item in (it for it in items if it.is_video):
+        done(_predict_video(predictor, item, out, args, progress))
+
+
+def _settings(args) -> dict:
+    """What the results depend on: a resumed run must match these (maskrcnn/journal.py)."""
+    weights = Path(args.weights)
+    if weights.is_file():
+        digest = hashlib.sha256()
+        with open(weights, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        identity = f"sha256:{digest.hexdigest()}"
+    else:
+        identity = args.weights  # a registered name
+    return {"weights": identity, "score_thresh": args.score_thresh, "mask_threshold": args.mask_threshold,
+            "max_detections": args.max_detections, "precision": args.precision, "semantic": args.semantic,
+            "overlay": not args.no_overlay}
+
+
+def _check_arguments(args) -> None:
     from ..errors import MaskRCNNError
-    from ..predictor import Predictor
-    from ..video import is_video
 
     if args.batch_size < 1 or args.max_detections < 1:
         raise MaskRCNNError("--batch-size and --max-detections must be >= 1")
     for option in ("score_thresh", "mask_threshold"):
         if not 0.0 <= getattr(args, option) <= 1.0:
             raise MaskRCNNError(f"--{option.replace('_', '-')} must be between 0 and 1")
+    if not args.max_pixels >= 0:  # also refuses nan
+        raise MaskRCNNError("--max-pixels must be >= 0 (0: no limit)")
 
+
+def _start(process, out: Path, args) -> tuple[dict, dict]:
+    """The journal header and the records of the run being continued ({} for a fresh one), checked by the
+    main process (which also removes a killed run's temporary files) and shared with the others."""
+    from .. import journal
+    from ..engine import distributed
+    from ..errors import MaskRCNNError
+    from ..files import remove_stale_temps
+
+    header, previous, problem = None, {}, None
+    if process.is_main:
+        remove_stale_temps(out)  # before any process of this run writes one
+        header = journal.make_header(_settings(args))
+        try:
+            records = journal.start(out, header, args.resume)
+            previous = {name: {"output_name": r["output_name"], "ok": r["ok"]} for name, r in records.items()}
+        except MaskRCNNError as error:
+            problem = str(error)
+    header, previous, problem = distributed.broadcast_object((header, previous, problem))
+    if problem:
+        raise MaskRCNNError(problem)
+    return header, previous
+
+
+def run(args) -> int:
+    from .. import journal
+    from ..engine import distributed
+    from ..errors import MaskRCNNError
+    from ..predictor import Predictor
+    from ..video import is_video
+
+    _check_arguments(args)
     files, problems = expand_inputs(args.inputs)
     if not files:
         raise MaskRCNNError("no input images or videos: " + "; ".join(problems))
     items = [InputItem(i, path, is_video(path)) for i, path in enumerate(files)]
-    assign_output_names(items)
 
     process, device = distributed.setup(args.device)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise MaskRCNNError(f"--out {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    failures = 0
+    header, previous = _start(process, out, args)
+    assign_output_names(items, {name: r["output_name"] for name, r in previous.items()})
     if process.is_main:
         for message in problems:
             _report(message)
-        failures += len(problems)
 
     predictor = Predictor(args.weights, device=device, score_thresh=args.score_thresh,
                           mask_threshold=args.mask_threshold, batch_size=args.batch_size,
-                          max_detections=args.max_detections, precision=args.precision)
-    mine = items[process.rank::process.world_size]
+                          max_detections=args.max_detections, precision=args.precision,
+                          max_pixels=round(args.max_pixels * 1e6) or None)
+    todo = [item for item in items if not previous.get(str(item.path), {}).get("ok")]
+    mine = todo[process.rank::process.world_size]
     progress = not args.no_progress and process.is_main
-    records = _predict_images(predictor, [it for it in mine if not it.is_video], out, args, progress)
-    for item in (it for it in mine if it.is_video):
-        records.append(_predict_video(predictor, item, out, args, progress))
-    failures += sum(not r.ok for r in records)
-
-    if process.distributed:
-        import torch
-
-        part = out / f".predictions.rank{process.rank}.json"
-        write_json_atomic(part, [asdict(r) for r in records])
-        failures = int(distributed.sum_across_processes(torch.tensor([failures])).item())
-        distributed.barrier()  # every part file is complete
-        if process.is_main:
-            parts = [out / f".predictions.rank{r}.json" for r in range(process.world_size)]
-            merged = [InputRecord(**r) for p in parts for r in json.loads(p.read_text())]
-            for p in parts:
-                p.unlink()
-            _write_merged(out, merged, args, failures)
-        # Nobody exits before the merge is written: one process ending with an error makes torchrun stop
-        # the others.
-        distributed.barrier()
-    else:
-        _write_merged(out, records, args, failures)
+    path = out / (journal.part_name(process.rank) if process.distributed else journal.JOURNAL)
+    try:
+        with _writing(path):
+            writer = journal.Writer(path, header)
+        try:
+            _predict_all(predictor, mine, out, args, progress, writer)
+        finally:
+            writer.close()
+        distributed.barrier()  # every part is complete
+        failures = _finish(out, header, items, args, len(problems)) if process.is_main else 0
+    except _WriteFailed as error:
+        _report(f"{error}; the results so far are in {out / journal.JOURNAL}, continue with --resume")
+        distributed.cleanup(finished=False)
+        return 1
+    # Nobody exits before the merge is written: one process ending with an error makes torchrun stop the
+    # others.
+    failures = distributed.broadcast_object(failures)
     distributed.cleanup()
     return 1 if failures else 0
 
 
-def _write_merged(out: Path, records: list[InputRecord], args, failures: int) -> None:
-    records = sorted(records, key=lambda r: r.index)
+def _finish(out: Path, header: dict, items: list[InputItem], args, failures: int) -> int:
+    """Fold the journal, write predictions.json (and counts.csv) for this run's inputs; returns the number
+    of failed inputs and input patterns."""
+    from .. import journal
+
+    names = [str(item.path) for item in items]
+    with _writing(out / journal.JOURNAL):
+        found = journal.finish(out, header, names)
+    records = [InputRecord(**found[name]) for name in names if name in found]
+    failures += sum(not r.ok for r in records) + len(names) - len(records)
     entries = [entry for record in records for entry in record.entries]
-    write_json_atomic(out / "predictions.json", entries)
+    with _writing(out / "predictions.json"):
+        write_json_atomic(out / "predictions.json", entries)
     if args.counts:
-        write_counts_csv(out / "counts.csv", records)
+        with _writing(out / "counts.csv"):
+            write_counts_csv(out / "counts.csv", records)
         print(class_totals_table(records))
     done = sum(r.ok for r in records)
     print(f"{done} input(s) done, {failures} failed; {len(entries)} detections -> {out / 'predictions.json'}")
+    return failures

@@ -19,14 +19,25 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _EXIF_ORIENTATION_TAG = 0x0112
 
 
-def read_image(path: str | Path) -> np.ndarray:
+# The limit `maskrcnn predict` and `Predictor` apply by default (see DEFAULT_MAX_PIXELS_HELP).
+DEFAULT_MAX_PIXELS = 64_000_000
+DEFAULT_MAX_PIXELS_HELP = (
+    "64 MP: photos from every current full-frame camera (up to 61 MP) and 8K video frames (33 MP) pass. "
+    "The model sees a downscaled copy (its max_size, 1333 px by default) anyway, so more pixels add no "
+    "detail, only memory: 3 bytes a pixel decoded, 12 as the model's float input, and full-size masks and "
+    "overlays after it, which made a 144 MP PNG fail with an allocation error")
+
+
+def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """Read an image file as HxWx3 RGB: uint8 for 8-bit files, uint16 (true values) for 16-bit files.
 
     EXIF orientation is applied so the pixels match what photo viewers (and annotation tools) show.
+    `max_pixels`: refuse (MaskRCNNError) an image with more pixels, from its header, before decoding it.
     """
     path = Path(path)
     try:
         with Image.open(path) as pil_image:
+            _check_size(path, pil_image.size, max_pixels)
             if _is_16bit_colour(pil_image):
                 # PIL silently truncates 16-bit colour to 8 bits; OpenCV keeps the full range.
                 orientation = pil_image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
@@ -40,6 +51,16 @@ def read_image(path: str | Path) -> np.ndarray:
         raise MaskRCNNError(f"{path}: cannot read image: file not found") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise MaskRCNNError(f"{path}: cannot read image: {error}") from None
+    except MemoryError:
+        raise MaskRCNNError(f"{path}: cannot read image: not enough memory to decode it") from None
+
+
+def _check_size(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise MaskRCNNError(f"{path}: image has {width}x{height} = {width * height / 1e6:.1f} million pixels, "
+                            f"over the limit of {max_pixels / 1e6:g} million (raise it with --max-pixels or "
+                            "Predictor(max_pixels=...))")
 
 
 def pil_to_rgb_array(pil_image: Image.Image) -> np.ndarray:
