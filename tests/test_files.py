@@ -1,12 +1,14 @@
-"""Atomic writes: all or nothing, and the user's usual permissions."""
+"""Atomic writes: all or nothing, the user's usual permissions, and killed runs' temporary files cleaned up."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
-from maskrcnn.files import atomic_path, write_text_atomic
+from maskrcnn.files import atomic_path, remove_stale_temps, temp_path, write_text_atomic
 
 
 def test_written_file_has_usual_permissions_and_no_temp_left(tmp_path):
@@ -30,3 +32,37 @@ def test_failed_write_keeps_the_old_file(tmp_path):
             raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["report.html"]
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has ended (and, on any busy system, not yet been reused)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_stale_temps_of_ended_processes_are_removed_and_nothing_else(tmp_path):
+    dead, alive = _dead_pid(), os.getpid()
+    ours_dead = [f".x.png.{dead}.0123abcd.tmp", f".clip_overlay.mp4.{dead}.89abcdef.tmp.mp4"]
+    keep = [f".x.png.{alive}.0123abcd.tmp",      # a process still writing it
+            ".x.png.tmp", "notes.tmp", "x.png",      # not our pattern
+            f".x.png.{dead}.0123ABCD.tmp",           # not our pattern (upper-case hex)
+            f"x.png.{dead}.0123abcd.tmp"]            # not hidden: not ours
+    for name in ours_dead + keep:
+        (tmp_path / name).write_text("left behind")
+    (tmp_path / f".sub.{dead}.0123abcd.tmp").mkdir()  # a folder: never removed
+    removed = remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(ours_dead)
+    assert sorted(os.listdir(tmp_path)) == sorted(keep + [f".sub.{dead}.0123abcd.tmp"])
+
+
+def test_temp_names_match_the_stale_pattern_and_keep_suffix_on_request(tmp_path):
+    plain, video = temp_path(tmp_path / "a.png"), temp_path(tmp_path / "clip.mp4", keep_suffix=True)
+    assert plain.name.startswith(".a.png.") and plain.name.endswith(".tmp") and plain.parent == tmp_path
+    assert video.name.startswith(".clip.mp4.") and video.suffix == ".mp4"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(tmp_path / "clip.mp4", keep_suffix=True) as tmp:
+            assert tmp.suffix == ".mp4"
+            tmp.write_bytes(b"half a video")
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -134,3 +136,64 @@ def test_bad_arguments_are_user_errors(model):
         Predictor(model)(np.zeros((4, 4, 5), np.uint8))
     with pytest.raises(MaskRCNNError):
         Predictor(torch.nn.Linear(2, 2))
+    with pytest.raises(MaskRCNNError, match="max_pixels"):
+        Predictor(model, max_pixels=0)
+
+
+def test_predict_files_refuses_too_many_pixels_and_goes_on(predictor, image, tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(image).save(good)
+    big = tmp_path / "big.png"
+    Image.new("1", (12000, 12000)).save(big)  # 144 million pixels in a small file
+    results = list(Predictor(predictor.model, max_detections=4, batch_size=2)
+                   .predict_files([good, big, good], progress=False))
+    assert [p for p, _ in results] == [good, big, good]
+    assert isinstance(results[0][1], Detections) and isinstance(results[2][1], Detections)
+    assert isinstance(results[1][1], MaskRCNNError)
+    assert "big.png" in str(results[1][1]) and "144.0 million pixels" in str(results[1][1])
+    small_limit = Predictor(predictor.model, max_pixels=image.shape[0] * image.shape[1] - 1)
+    with pytest.raises(MaskRCNNError, match="good.png"):
+        small_limit(good)
+    assert len(Predictor(predictor.model, max_pixels=None, max_detections=4)(good)) > 0
+
+
+@pytest.mark.parametrize("failure", [
+    MemoryError(),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                 "you tried to allocate 1728000000 bytes. Error code 12 (Cannot allocate memory)"),
+])
+def test_running_out_of_memory_costs_only_that_image(predictor, image, tmp_path, monkeypatch, failure):
+    """A batch that fails for lack of memory is retried image by image, so only the image that does not fit
+    is lost."""
+    paths = []
+    for name, picture in (("a.png", image), ("huge.png", image[::-1]), ("c.png", image[:, ::-1])):
+        Image.fromarray(np.ascontiguousarray(picture)).save(tmp_path / name)
+        paths.append(tmp_path / name)
+    real_run, calls = Predictor._run, []
+
+    def run(self, tensors, names):
+        calls.append([Path(n).name for n in names])
+        if any(n.endswith("huge.png") for n in names):
+            raise failure
+        return real_run(self, tensors, names)
+
+    monkeypatch.setattr(Predictor, "_run", run)
+    results = list(Predictor(predictor.model, max_detections=4, batch_size=2)
+                   .predict_files(paths, progress=False))
+    assert calls == [["a.png", "huge.png"], ["a.png"], ["huge.png"], ["c.png"]]
+    assert isinstance(results[0][1], Detections) and isinstance(results[2][1], Detections)
+    error = results[1][1]
+    assert isinstance(error, MaskRCNNError) and "huge.png: not enough memory" in str(error)
+    assert "\n" not in str(error)
+
+
+def test_other_runtime_errors_are_not_hidden(predictor, image, tmp_path, monkeypatch):
+    """A RuntimeError that is not about memory is a bug: it keeps its traceback instead of becoming a line."""
+    Image.fromarray(image).save(tmp_path / "a.png")
+
+    def run(self, tensors, names):
+        raise RuntimeError("shape mismatch in some layer")
+
+    monkeypatch.setattr(Predictor, "_run", run)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        list(Predictor(predictor.model).predict_files([tmp_path / "a.png"], progress=False))

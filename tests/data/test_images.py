@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maskrcnn.data.images import _apply_exif_orientation, read_image, to_float_tensor
+from maskrcnn.data.images import DEFAULT_MAX_PIXELS, _apply_exif_orientation, read_image, to_float_tensor
 from maskrcnn.errors import MaskRCNNError
 
 SIXTEEN_BIT_VALUES = np.array([[0, 1, 255, 256], [1000, 30000, 65534, 65535]], dtype=np.uint16)
@@ -151,3 +151,44 @@ def test_to_float_tensor_channel_layouts():
 def test_to_float_tensor_rejects_unsupported_input(bad):
     with pytest.raises(ValueError):
         to_float_tensor(bad)
+
+
+def flat_png(path, width: int, height: int):
+    """A one-bit PNG of one colour: a huge pixel count in a small file, cheap to make."""
+    Image.new("1", (width, height)).save(path)
+    return path
+
+
+def test_too_many_pixels_refused_from_the_header_before_decoding(tmp_path, monkeypatch):
+    big = flat_png(tmp_path / "big.png", 12000, 12000)
+    assert big.stat().st_size < 1_000_000  # small file, 144 million pixels
+
+    def no_decoding(self):
+        raise AssertionError("decoded an image it should have refused")
+
+    monkeypatch.setattr(Image.Image, "load", no_decoding)
+    with pytest.raises(MaskRCNNError, match=r"big\.png: image has 12000x12000 = 144\.0 million pixels, over the "
+                                            r"limit of 64 million"):
+        read_image(big, max_pixels=DEFAULT_MAX_PIXELS)
+
+
+def test_pixel_limit_is_inclusive_and_default_passes_a_24mp_photo(tmp_path):
+    small = flat_png(tmp_path / "small.png", 10, 10)
+    assert read_image(small, max_pixels=100).shape == (10, 10, 3)
+    with pytest.raises(MaskRCNNError, match="small.png"):
+        read_image(small, max_pixels=99)
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (6000, 4000), (90, 120, 30)).save(photo, quality=50)
+    pixels = read_image(photo, max_pixels=DEFAULT_MAX_PIXELS)
+    assert pixels.shape == (4000, 6000, 3) and abs(int(pixels[2000, 3000, 1]) - 120) <= 2
+
+
+def test_running_out_of_memory_while_decoding_is_an_error_naming_the_file(tmp_path, monkeypatch):
+    path = flat_png(tmp_path / "huge.png", 20, 20)
+
+    def out_of_memory(self):
+        raise MemoryError
+
+    monkeypatch.setattr(Image.Image, "load", out_of_memory)
+    with pytest.raises(MaskRCNNError, match=r"huge\.png: cannot read image: not enough memory"):
+        read_image(path)

@@ -6,6 +6,7 @@ rotation, grayscale, palettes, alpha and 16-bit files.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,15 +37,19 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """
     path = Path(path)
     try:
-        with Image.open(path) as pil_image:
-            _check_size(path, pil_image.size, max_pixels)
-            if _is_16bit_colour(pil_image):
-                # PIL silently truncates 16-bit colour to 8 bits; OpenCV keeps the full range.
-                orientation = pil_image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-                return _read_16bit_colour(path, orientation)
-            pil_image.load()
-            pil_image = ImageOps.exif_transpose(pil_image)
-            return pil_to_rgb_array(pil_image)
+        with warnings.catch_warnings():
+            # Pillow's warning above 89 million pixels would be a second, traceback-like line; the limit that
+            # applies is ours (and Pillow's error at twice that, which becomes our one-line error).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as pil_image:
+                _check_size(path, pil_image.size, max_pixels)
+                if _is_16bit_colour(pil_image):
+                    # PIL silently truncates 16-bit colour to 8 bits; OpenCV keeps the full range.
+                    orientation = pil_image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+                    return _read_16bit_colour(path, orientation)
+                pil_image.load()
+                pil_image = ImageOps.exif_transpose(pil_image)
+                return pil_to_rgb_array(pil_image)
     except MaskRCNNError:
         raise
     except FileNotFoundError:
