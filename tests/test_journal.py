@@ -55,7 +55,8 @@ def test_retried_failure_replaces_the_failed_record_and_success_is_never_replace
     part.append(record("a.jpg"))
     part.append(record("b.jpg", ok=False))
     part.close()
-    previous = journal.start(tmp_path, HEADER, resume=True)
+    previous, replace = journal.start(tmp_path, HEADER, resume=True)
+    assert not replace
     assert {name: r["ok"] for name, r in previous.items()} == {"a.jpg": True, "b.jpg": True, "c.jpg": False}
     found = journal.finish(tmp_path, HEADER, ["c.jpg", "a.jpg"])
     assert sorted(found) == ["a.jpg", "b.jpg", "c.jpg"]

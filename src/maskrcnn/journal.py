@@ -68,19 +68,19 @@ def read(path: Path) -> tuple[dict | None, list[dict], bool]:
     return header, records, complete
 
 
-def start(out: Path, header: dict, resume: bool) -> dict[str, dict]:
-    """Check the journal files in `out` before a run (main process only); returns the records to keep,
-    by file name (empty for a fresh run). Refuses, with one line, what the module docstring says."""
+def start(out: Path, header: dict, resume: bool) -> tuple[dict[str, dict], bool]:
+    """Check the journal files in `out` before a run (main process only); returns the records to keep, by
+    file name (empty for a fresh run), and whether a finished run's journal is to be replaced (`replace`,
+    once the run is ready to write). Refuses, with one line, what the module docstring says."""
     files = journal_files(out)
     found = [(path, *read(path)) for path in files]
     found = [(path, head, records, complete) for path, head, records, complete in found if head is not None]
     if not found:
-        return {}
+        return {}, False
     if not resume:
         path, _, records, complete = found[0]
         if len(found) == 1 and path.name == JOURNAL and complete:
-            (out / JOURNAL).unlink()  # a finished run of ours, replaced by this one (the writer recreates it)
-            return {}
+            return {}, True
         done = len({r["file_name"] for _, _, recs, _ in found for r in recs})
         raise MaskRCNNError(f"{path}: an interrupted run's results are here ({done} input(s) done); "
                             "continue it with --resume, or choose another --out")
@@ -89,7 +89,12 @@ def start(out: Path, header: dict, resume: bool) -> dict[str, dict]:
         if difference:
             raise MaskRCNNError(f"{path}: cannot --resume, made with other settings ({difference}); "
                                 "use the same options and weights, or another --out")
-    return _latest(r for _, _, records, _ in found for r in records)
+    return _latest(r for _, _, records, _ in found for r in records), False
+
+
+def replace(out: Path) -> None:
+    """Remove a finished run's journal (ours: `start` checked it) that a fresh run replaces."""
+    (out / JOURNAL).unlink(missing_ok=True)
 
 
 def _latest(records) -> dict[str, dict]:

@@ -17,6 +17,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -260,31 +261,32 @@ def _check_arguments(args) -> None:
     for option in ("score_thresh", "mask_threshold"):
         if not 0.0 <= getattr(args, option) <= 1.0:
             raise MaskRCNNError(f"--{option.replace('_', '-')} must be between 0 and 1")
-    if not args.max_pixels >= 0:  # also refuses nan
-        raise MaskRCNNError("--max-pixels must be >= 0 (0: no limit)")
+    if not 0 <= args.max_pixels < math.inf:  # also refuses nan
+        raise MaskRCNNError("--max-pixels must be a number >= 0 (0: no limit)")
 
 
-def _start(process, out: Path, args) -> tuple[dict, dict]:
-    """The journal header and the records of the run being continued ({} for a fresh one), checked by the
-    main process (which also removes a killed run's temporary files) and shared with the others."""
+def _start(process, out: Path, args) -> tuple[dict, dict, bool]:
+    """The journal header, the records of the run being continued ({} for a fresh one) and whether a
+    finished run's journal is to be replaced, checked by the main process (which also removes a killed
+    run's temporary files) and shared with the others."""
     from .. import journal
     from ..engine import distributed
     from ..errors import MaskRCNNError
     from ..files import remove_stale_temps
 
-    header, previous, problem = None, {}, None
+    header, previous, replace, problem = None, {}, False, None
     if process.is_main:
         remove_stale_temps(out)  # before any process of this run writes one
         header = journal.make_header(_settings(args))
         try:
-            records = journal.start(out, header, args.resume)
+            records, replace = journal.start(out, header, args.resume)
             previous = {name: {"output_name": r["output_name"], "ok": r["ok"]} for name, r in records.items()}
         except MaskRCNNError as error:
             problem = str(error)
-    header, previous, problem = distributed.broadcast_object((header, previous, problem))
+    header, previous, replace, problem = distributed.broadcast_object((header, previous, replace, problem))
     if problem:
         raise MaskRCNNError(problem)
-    return header, previous
+    return header, previous, replace
 
 
 def run(args) -> int:
@@ -305,7 +307,7 @@ def run(args) -> int:
     if out.exists() and not out.is_dir():
         raise MaskRCNNError(f"--out {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    header, previous = _start(process, out, args)
+    header, previous, replace = _start(process, out, args)
     assign_output_names(items, {name: r["output_name"] for name, r in previous.items()})
     if process.is_main:
         for message in problems:
@@ -321,6 +323,8 @@ def run(args) -> int:
     path = out / (journal.part_name(process.rank) if process.distributed else journal.JOURNAL)
     try:
         with _writing(path):
+            if replace and process.is_main:  # only now: a run that fails to start keeps the old journal
+                journal.replace(out)
             writer = journal.Writer(path, header)
         try:
             _predict_all(predictor, mine, out, args, progress, writer)
