@@ -212,7 +212,7 @@ def _predict_video(predictor, item: InputItem, out: Path, args, progress: bool) 
     record = InputRecord(str(item.path), item.output_name)
     overlay = None if args.no_overlay else out / f"{item.output_name}_overlay.mp4"
     try:
-        with _writing(overlay):
+        with _writing(overlay) if overlay else contextlib.nullcontext():
             for frame_index, _, detections in predict_video(predictor, item.path, overlay_path=overlay,
                                                             progress=progress):
                 entries = coco_entries(detections, str(item.path), frame=frame_index)
@@ -253,18 +253,6 @@ def _settings(args) -> dict:
             "overlay": not args.no_overlay}
 
 
-def _check_arguments(args) -> None:
-    from ..errors import MaskRCNNError
-
-    if args.batch_size < 1 or args.max_detections < 1:
-        raise MaskRCNNError("--batch-size and --max-detections must be >= 1")
-    for option in ("score_thresh", "mask_threshold"):
-        if not 0.0 <= getattr(args, option) <= 1.0:
-            raise MaskRCNNError(f"--{option.replace('_', '-')} must be between 0 and 1")
-    if not 0 <= args.max_pixels < math.inf:  # also refuses nan
-        raise MaskRCNNError("--max-pixels must be a number >= 0 (0: no limit)")
-
-
 def _start(process, out: Path, args) -> tuple[dict, dict, bool]:
     """The journal header, the records of the run being continued ({} for a fresh one) and whether a
     finished run's journal is to be replaced, checked by the main process (which also removes a killed
@@ -296,7 +284,14 @@ def run(args) -> int:
     from ..predictor import Predictor
     from ..video import is_video
 
-    _check_arguments(args)
+    if args.batch_size < 1 or args.max_detections < 1:
+        raise MaskRCNNError("--batch-size and --max-detections must be >= 1")
+    for option in ("score_thresh", "mask_threshold"):
+        if not 0.0 <= getattr(args, option) <= 1.0:
+            raise MaskRCNNError(f"--{option.replace('_', '-')} must be between 0 and 1")
+    if not 0 <= args.max_pixels < math.inf:  # also refuses nan
+        raise MaskRCNNError("--max-pixels must be a number >= 0 (0: no limit)")
+
     files, problems = expand_inputs(args.inputs)
     if not files:
         raise MaskRCNNError("no input images or videos: " + "; ".join(problems))
@@ -333,7 +328,7 @@ def run(args) -> int:
         distributed.barrier()  # every part is complete
         failures = _finish(out, header, items, args, len(problems)) if process.is_main else 0
     except _WriteFailed as error:
-        _report(f"{error}; the results so far are in {out / journal.JOURNAL}, continue with --resume")
+        _report(f"{error}; the finished inputs are recorded in {path}: free space, then rerun with --resume")
         distributed.cleanup(finished=False)
         return 1
     # Nobody exits before the merge is written: one process ending with an error makes torchrun stop the
