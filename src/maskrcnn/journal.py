@@ -9,8 +9,8 @@ the main process folds into `predictions.jsonl` at the end.
 Starting a run in a folder that has a journal (`start`): without resume, a complete journal is replaced
 (a fresh run, as predictions.json always was) and an interrupted one is refused, so a crash's results are
 never thrown away by a forgotten --resume; with resume, the settings must match and the recorded inputs
-are handed back so the caller can skip them. A later record for the same file replaces an earlier one
-(a failed input is tried again on resume).
+are handed back so the caller can skip the successful ones (a failed input is tried again, and its new
+record replaces the old one; a success is never redone). A killed run's partial last line is dropped.
 """
 
 from __future__ import annotations
