@@ -86,14 +86,12 @@ def _show(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() else str(bound)
 
 
-INTEGER = Number(integer=True)
 COUNT = Number(integer=True, low=1)                  # iterations, batch sizes, detections, threads
 NON_NEGATIVE_INT = Number(integer=True, low=0)       # workers, warm-up iterations, image counts
 POSITIVE = Number(low=0, low_open=True)              # learning rate, minutes, loss scale
 NON_NEGATIVE = Number(low=0)                         # weight decay, gradient clip (0: off)
 PROBABILITY = Number(low=0, high=1)                  # thresholds, fractions
 DECAY = Number(low=0, high=1, high_open=True)        # --ema: 0 (off) up to, not including, 1
-OPEN_UNIT = Number(low=0, high=1, low_open=True, high_open=True)
 
 
 def at_least(minimum: int) -> Number:
@@ -130,5 +128,5 @@ def check_fields(values: dict, rules: dict, optional=(), prefix: str = "") -> li
     return problems
 
 
-__all__ = ["Number", "Each", "INTEGER", "COUNT", "NON_NEGATIVE_INT", "POSITIVE", "NON_NEGATIVE", "PROBABILITY", "DECAY",
-           "OPEN_UNIT", "at_least", "check_fields"]
+__all__ = ["Number", "Each", "COUNT", "NON_NEGATIVE_INT", "POSITIVE", "NON_NEGATIVE", "PROBABILITY", "DECAY",
+           "at_least", "check_fields"]

@@ -83,6 +83,9 @@ class ExportedModel:
             raise MaskRCNNError(f"{path}: model file not found")
         if path.suffix.lower() == ".onnx":
             return cls(*_open_onnx(path), str(path))
+        if _torchscript_metadata_entry(path) is None:  # read from the zip's index: nothing of it runs
+            raise MaskRCNNError(f"{path}: not a model written by `maskrcnn export` (neither .onnx nor a "
+                                "TorchScript file with maskrcnn metadata)")
         if not trust_torchscript:
             raise MaskRCNNError(UNTRUSTED_TORCHSCRIPT.format(path=path))
         return cls(*_open_torchscript(path), str(path))
@@ -156,9 +159,6 @@ def _open_onnx(path: Path):
 def _open_torchscript(path: Path):
     import torchvision  # noqa: F401  (registers torchvision::nms and roi_align, which the graph calls)
 
-    if _torchscript_metadata_entry(path) is None:
-        raise MaskRCNNError(f"{path}: not a model written by `maskrcnn export` (neither .onnx nor a "
-                            "TorchScript file with maskrcnn metadata)")
     extra = {METADATA_KEY: ""}
     try:
         with warnings.catch_warnings():

@@ -231,7 +231,7 @@ def test_bad_settings_are_one_clear_error(shapes, tmp_path):
         train(tiny_config(shapes, tmp_path / "run", cooldown=1.5), progress=False)
     with pytest.raises(MaskRCNNError, match=r"loss_weights: unknown losses \['loss_cls'\]"):
         train(tiny_config(shapes, tmp_path / "run", loss_weights={"loss_cls": 2.0}), progress=False)
-    with pytest.raises(MaskRCNNError, match=r"ema_decay must be a finite number > 0 and < 1 \(or None\)"):
+    with pytest.raises(MaskRCNNError, match=r"ema_decay must be a finite number >= 0 and < 1 \(or None\)"):
         train(tiny_config(shapes, tmp_path / "run", ema_decay=1.0), progress=False)
     plain = tiny_config(shapes, tmp_path / "plain")
     train(plain, stop_after=2, progress=False)

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..checks import (COUNT, NON_NEGATIVE, NON_NEGATIVE_INT, OPEN_UNIT, POSITIVE, PROBABILITY, Each,
-                      check_fields)
+from ..checks import NON_NEGATIVE, check_fields
 from ..errors import MaskRCNNError
 from . import distributed
 from .checkpoint import TRAIN_FORMAT_TAG, atomic_torch_save, read_training_checkpoint
 from .ema import WeightAverage
+from .train_rules import OPTIONAL, TRAIN_RULES
 
 # Independent random streams derived from the one run seed (see the module docstring).
 _DATA_ORDER, _AUGMENT, _SAMPLING, _STEP, _INIT = 1, 2, 3, 4, 5
@@ -179,26 +179,11 @@ class TrainConfig:
         return cls(**data)
 
 
-# The numeric settings' ranges (maskrcnn.checks, the same rules as the command-line flags). Checked for every
-# config a run is built from (config file, --model-option, flags, a resumed run's settings) and by train().
-_RULES = {
-    "iters": COUNT, "epochs": COUNT, "batch_size": COUNT, "lr": POSITIVE, "momentum": PROBABILITY,
-    "weight_decay": NON_NEGATIVE, "warmup_iters": NON_NEGATIVE_INT, "warmup_factor": PROBABILITY,
-    "steps": Each(POSITIVE), "gamma": POSITIVE, "min_lr_factor": PROBABILITY, "cooldown": PROBABILITY,
-    "ema_decay": OPEN_UNIT, "grad_clip": NON_NEGATIVE, "num_workers": NON_NEGATIVE_INT, "threads": COUNT,
-    "min_sizes": Each(COUNT), "max_size": COUNT, "lsj": COUNT, "lsj_scale": Each(POSITIVE),
-    "seed": NON_NEGATIVE_INT, "checkpoint_every": COUNT, "eval_every": COUNT, "log_every": COUNT,
-    "eval_batch_size": COUNT,
-}
-_OPTIONAL = ("iters", "epochs", "lr", "weight_decay", "ema_decay", "grad_clip", "num_workers", "threads", "lsj",
-             "eval_every")
-
-
 def setting_problems(data: dict) -> list[str]:
     """One sentence per TrainConfig setting in `data` that is out of range, model overrides included."""
     from ..modeling.model import model_setting_problems
 
-    problems = check_fields(data, _RULES, optional=_OPTIONAL)
+    problems = check_fields(data, TRAIN_RULES, optional=OPTIONAL)
     weights = data.get("loss_weights") or {}
     if isinstance(weights, dict):
         problems += check_fields(weights, dict.fromkeys(weights, NON_NEGATIVE), prefix="loss_weights.")
