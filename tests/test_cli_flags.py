@@ -224,3 +224,13 @@ def test_demo_fresh_deletes_a_folder_an_earlier_demo_made(tmp_path):
     with pytest.raises(MaskRCNNError, match="--fresh deletes only"):
         demo.prepare_out(unmarked, fresh=True)
     assert (unmarked / "data").is_dir()
+
+
+def test_rules_take_numpy_scalars_and_refuse_bools_and_text():
+    from maskrcnn.checks import COUNT, PROBABILITY
+
+    assert PROBABILITY.check("score_thresh", np.float32(0.25)) == np.float32(0.25)
+    assert COUNT.check("batch_size", np.int64(3)) == 3
+    for rule, value in ((COUNT, True), (COUNT, 2.0), (PROBABILITY, "0.5"), (PROBABILITY, np.float32("nan"))):
+        with pytest.raises(ValueError, match=r"^x must be "):
+            rule.check("x", value)

@@ -2,15 +2,16 @@
 
 A `Number` rule is used three ways: as an argparse `type=` for a command-line flag (`rule.flag`), on a
 value from a config file or the API (`rule.check(name, value)`), and on an optional value (`allow_none`).
-So `--lr`, `lr:` in `train --config FILE` and `TrainConfig(lr=...)` give the same sentence:
-`lr must be a finite number > 0, got nan`. NaN and infinity never pass a rule; bools never pass for
-numbers (Python counts True as 1).
+So `--lr nan` reads `--lr must be a finite number > 0, got nan`, and `lr: .nan` in `train --config FILE` or
+`TrainConfig(lr=nan)` the same rule with "(or None)" added. NaN and infinity never pass a rule; bools never
+pass for numbers (Python counts True as 1); numpy scalars pass like Python numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import numbers
 from dataclasses import dataclass
 
 
@@ -35,9 +36,9 @@ class Number:
         return " ".join(part for part in (kind, low, "and" if low and high else None, high) if part)
 
     def accepts(self, value) -> bool:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars are Real too
             return False
-        if self.integer and not isinstance(value, int):
+        if self.integer and not isinstance(value, numbers.Integral):
             return False
         if not math.isfinite(value):
             return False
