@@ -165,7 +165,7 @@ def test_eval_rejects_a_bad_proposal_count(guard_run, shapes):
     code, _, err = run_cli(["eval", "--weights", str(guard_run / "model.safetensors"), "--proposals", "0",
                             "--annotations", shapes["train_annotations"], "--images", shapes["train_images"],
                             "--device", "cpu", "--no-progress"])
-    assert code == 2 and "rpn.post_nms_top_n_test must be a positive integer, got 0" in err and "Traceback" not in err
+    assert code == 2 and "--proposals must be a positive integer, got 0" in err and "Traceback" not in err
 
 
 def test_finetune_from_checkpoint_with_other_classes(guard_run, shapes, tmp_path, one_thread):

@@ -82,7 +82,7 @@ def assert_same_detections(expected, actual) -> None:
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_same_detections_as_pytorch(fmt, model, exported, photos):
     reference = Predictor(model, score_thresh=0.05)
-    runtime = Predictor(exported[fmt], score_thresh=0.05)
+    runtime = Predictor(exported[fmt], score_thresh=0.05, trust_torchscript=True)
     assert isinstance(runtime.model, ExportedModel)
     for photo in photos:
         expected, actual = reference(photo), runtime(photo)
@@ -90,7 +90,7 @@ def test_same_detections_as_pytorch(fmt, model, exported, photos):
         assert actual.image_size == photo.shape[:2]
         assert_same_detections(expected, actual)
     # The limits are graph inputs, not constants of the file.
-    few = Predictor(exported[fmt], score_thresh=0.5, max_detections=3)(photos[0])
+    few = Predictor(exported[fmt], score_thresh=0.5, max_detections=3, trust_torchscript=True)(photos[0])
     assert_same_detections(Predictor(model, score_thresh=0.5, max_detections=3)(photos[0]), few)
 
 
@@ -100,14 +100,14 @@ def test_image_with_no_detections(fmt, model, exported):
     best = Predictor(model, score_thresh=0.0)(gray).scores.max()
     threshold = min(1.0, float(best) + 1e-3)  # just above everything PyTorch finds: nothing passes
     expected = Predictor(model, score_thresh=threshold)(gray)
-    actual = Predictor(exported[fmt], score_thresh=threshold)(gray)
+    actual = Predictor(exported[fmt], score_thresh=threshold, trust_torchscript=True)(gray)
     assert len(expected) == len(actual) == 0
     assert actual.masks.shape == (0, 150, 220) and actual.boxes.shape == (0, 4)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_metadata_travels_in_the_file(fmt, model, exported):
-    loaded = ExportedModel.load(exported[fmt])
+    loaded = ExportedModel.load(exported[fmt], trust_torchscript=True)
     assert loaded.class_names == model.class_names and loaded.category_ids == model.category_ids
     assert (loaded.min_size, loaded.max_size, loaded.size_divisible) == (128, 192, 32)
     np.testing.assert_allclose(loaded.mean.ravel(), model.config.image_mean)
@@ -172,7 +172,8 @@ def test_cli_export_then_predict_writes_what_pytorch_writes(fmt, model, val_imag
     outputs = {}
     for name, source in (("torch", weights), (fmt, exported_file)):
         outputs[name] = tmp_path / name
-        status, _, stderr = run_cli("predict", "--weights", source, "--out", outputs[name], *options, *images)
+        trust = ["--trust-torchscript"] if name == "torchscript" else []  # the user's opt-in to run its code
+        status, _, stderr = run_cli("predict", "--weights", source, "--out", outputs[name], *options, *trust, *images)
         assert status == 0, stderr
     assert sorted(p.name for p in outputs["torch"].iterdir()) == sorted(p.name for p in outputs[fmt].iterdir())
 
@@ -201,3 +202,34 @@ def test_split_box_head_and_exact_mask_paste_survive_export(photos, tmp_path):
         expected, actual = reference(photo), runtime(photo)
         assert len(expected) > 10
         assert_same_detections(expected, actual)
+
+
+def test_torchscript_runs_only_when_the_user_trusts_it(exported, val_images, tmp_path, monkeypatch):
+    """A TorchScript file is a program: whatever its suffix, nothing of it runs without the opt-in."""
+    disguised = tmp_path / "weights.pth"
+    disguised.write_bytes(exported["torchscript"].read_bytes())
+    opened = []
+    real_load = torch.jit.load
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: opened.append(a) or real_load(*a, **k))
+    for source in (exported["torchscript"], disguised):
+        with pytest.raises(MaskRCNNError, match=r"a TorchScript file from `maskrcnn export`.*--trust-torchscript"):
+            Predictor(source)
+        with pytest.raises(MaskRCNNError, match="trust_torchscript=True"):
+            ExportedModel.load(source)
+        with pytest.raises(MaskRCNNError, match="not a checkpoint") as refused:
+            maskrcnn.load(source)  # reads weights only, never a program
+        assert "weights_only" not in str(refused.value)
+    status, _, stderr = run_cli("predict", "--weights", disguised, "--out", tmp_path / "out", "--no-progress",
+                                "--device", "cpu", val_images[0])
+    assert status == 2 and len(stderr.strip().splitlines()) == 1 and "--trust-torchscript" in stderr
+    assert not opened and not (tmp_path / "out" / "predictions.json").exists()
+
+    status, _, stderr = run_cli("predict", "--weights", disguised, "--out", tmp_path / "out", "--no-progress",
+                                "--device", "cpu", "--trust-torchscript", val_images[0])
+    assert status == 0, stderr
+    assert len(opened) == 1 and (tmp_path / "out" / "predictions.json").is_file()
+
+
+def test_no_error_text_advises_turning_off_safe_loading():
+    sources = Path(maskrcnn.__file__).parent.rglob("*.py")
+    assert not [str(p) for p in sources if "weights_only=False" in p.read_text()]

@@ -6,10 +6,22 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import re
 import sys
 
 from . import commands
 from .errors import MaskRCNNError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad command lines get one line, like every other user error: `maskrcnn CMD: error: ...`, exit 2.
+
+    A flag whose value breaks its rule (maskrcnn.checks) reads `--lr must be a finite number > 0, got nan`
+    rather than argparse's `argument --lr: ...` after a usage block; `--help` still shows the usage."""
+
+    def error(self, message: str):
+        message = re.sub(r"^argument ([^:]+): (?=must be )", r"\1 ", message)
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _command_modules():
@@ -21,7 +33,7 @@ def _command_modules():
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="maskrcnn", description="Instance segmentation with Mask R-CNN.")
+    parser = _Parser(prog="maskrcnn", description="Instance segmentation with Mask R-CNN.")
     parser.add_argument("--version", action="version", version=f"maskrcnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in _command_modules():
@@ -32,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a bad command line (2, its line already printed)
+        return int(done.code or 0)
     try:
         return int(args.run(args) or 0)
     except MaskRCNNError as e:

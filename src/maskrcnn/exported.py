@@ -27,6 +27,10 @@ METADATA_KEY = "maskrcnn"            # ONNX metadata_props key and TorchScript e
 METADATA_FORMAT = "maskrcnn.export.v1"
 INPUT_NAMES = ("image", "image_size", "score_thresh", "max_detections")
 OUTPUT_NAMES = ("boxes", "scores", "labels", "mask_probs")
+UNTRUSTED_TORCHSCRIPT = (
+    "{path}: a TorchScript file from `maskrcnn export`; TorchScript is a program that runs its own code when "
+    "loaded, so it runs only on request: add --trust-torchscript (Predictor(..., trust_torchscript=True)) if you "
+    "made this file or trust where it came from, or use the checkpoint or an .onnx export instead")
 
 
 def is_exported_file(source) -> bool:
@@ -71,12 +75,19 @@ class ExportedModel:
         self._run_graph = run_graph
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ExportedModel":
+    def load(cls, path: str | os.PathLike, trust_torchscript: bool = False) -> "ExportedModel":
+        """An .onnx file (run by ONNX Runtime) or a TorchScript file from `maskrcnn export`. TorchScript is a
+        program whose code runs when it is loaded, so it is loaded only with `trust_torchscript=True`."""
         path = Path(path)
         if not path.is_file():
             raise MaskRCNNError(f"{path}: model file not found")
         if path.suffix.lower() == ".onnx":
             return cls(*_open_onnx(path), str(path))
+        if _torchscript_metadata_entry(path) is None:  # read from the zip's index: nothing of it runs
+            raise MaskRCNNError(f"{path}: not a model written by `maskrcnn export` (neither .onnx nor a "
+                                "TorchScript file with maskrcnn metadata)")
+        if not trust_torchscript:
+            raise MaskRCNNError(UNTRUSTED_TORCHSCRIPT.format(path=path))
         return cls(*_open_torchscript(path), str(path))
 
     # The parts of the nn.Module interface that Predictor uses.
@@ -148,9 +159,6 @@ def _open_onnx(path: Path):
 def _open_torchscript(path: Path):
     import torchvision  # noqa: F401  (registers torchvision::nms and roi_align, which the graph calls)
 
-    if _torchscript_metadata_entry(path) is None:
-        raise MaskRCNNError(f"{path}: not a model written by `maskrcnn export` (neither .onnx nor a "
-                            "TorchScript file with maskrcnn metadata)")
     extra = {METADATA_KEY: ""}
     try:
         with warnings.catch_warnings():

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import torch
 
+from .checks import COUNT, PROBABILITY, check_fields
 from .data.images import DEFAULT_MAX_PIXELS, read_image, to_float_tensor
+from .devices import resolve_device
 from .errors import MaskRCNNError
 from .exported import ExportedModel, is_exported_file
 from .modeling.model import MaskRCNN
@@ -33,6 +35,8 @@ class Predictor:
     written by `maskrcnn export` (.onnx, run by ONNX Runtime, or TorchScript; both CPU and fp32 only), or an
     already built `MaskRCNN` or `ExportedModel`. `device=None` means "cpu" for a checkpoint and the model's
     own device for a model (so passing a model never moves it); "auto" picks CUDA when present.
+    A TorchScript file is a program that runs its own code: it is loaded only with `trust_torchscript=True`
+    (checkpoints are read as tensors and .onnx files by ONNX Runtime, neither runs code from the file).
     Any model runs in eval mode during our calls and gets its own mode back afterwards.
     `score_thresh`, `max_detections` and `precision` ("fp32", "bf16", "fp16"; None keeps the model's)
     are applied only during our calls, so a model handed in is left as it was.
@@ -43,34 +47,32 @@ class Predictor:
     def __init__(self, weights_or_model, *, device: str | torch.device | None = None,
                  score_thresh: float | None = None, mask_threshold: float = 0.5, batch_size: int = 1,
                  max_detections: int | None = None, precision: str | None = None,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
-        if batch_size < 1:
-            raise MaskRCNNError(f"batch_size must be >= 1, got {batch_size}")
-        if max_pixels is not None and max_pixels < 1:
-            raise MaskRCNNError(f"max_pixels must be >= 1 (or None: no limit), got {max_pixels}")
-        if not 0.0 <= mask_threshold <= 1.0:
-            raise MaskRCNNError(f"mask_threshold must be in [0, 1], got {mask_threshold}")
-        if score_thresh is not None and not 0.0 <= score_thresh <= 1.0:
-            raise MaskRCNNError(f"score_thresh must be in [0, 1], got {score_thresh}")
-        if max_detections is not None and max_detections < 1:
-            raise MaskRCNNError(f"max_detections must be >= 1, got {max_detections}")
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, trust_torchscript: bool = False):
+        problems = check_fields(
+            dict(batch_size=batch_size, mask_threshold=mask_threshold, score_thresh=score_thresh,
+                 max_detections=max_detections, max_pixels=max_pixels),
+            dict(batch_size=COUNT, mask_threshold=PROBABILITY, score_thresh=PROBABILITY, max_detections=COUNT,
+                 max_pixels=COUNT),
+            optional=("score_thresh", "max_detections", "max_pixels"))
+        if problems:
+            raise MaskRCNNError("; ".join(problems))
         if isinstance(weights_or_model, MaskRCNN):
             self.model = weights_or_model
             if device is not None:
-                self.model.to(_resolve_device(device))
+                self.model.to(resolve_device(device))
         elif isinstance(weights_or_model, ExportedModel):
             self.model = weights_or_model
         elif is_exported_file(weights_or_model):
             if precision not in (None, "fp32"):
                 raise MaskRCNNError(f"{weights_or_model}: exported models run in fp32 only, not {precision}")
-            self.model = ExportedModel.load(weights_or_model)
+            self.model = ExportedModel.load(weights_or_model, trust_torchscript=trust_torchscript)
         elif isinstance(weights_or_model, torch.nn.Module):
             raise MaskRCNNError(f"expected a maskrcnn MaskRCNN model, got {type(weights_or_model).__name__}; "
                                 "convert torchvision models by saving their state_dict and loading that file")
         else:
             from .weights import load
 
-            self.model = load(weights_or_model, device=_resolve_device(device or "cpu"),
+            self.model = load(weights_or_model, device=resolve_device(device or "cpu"),
                               precision=precision or "fp32")
         self.score_thresh = score_thresh
         self.max_detections = max_detections
@@ -209,18 +211,6 @@ class Predictor:
         finally:
             config.score_thresh, config.detections_per_img, self.model.precision = previous
             self.model.train(was_training)
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise MaskRCNNError(f"invalid device {device!r} ({error})") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise MaskRCNNError(f"device {device!r} requested but CUDA is not available (use --device cpu)")
-    return resolved
 
 
 def is_out_of_memory(error: BaseException) -> bool:

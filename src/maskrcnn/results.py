@@ -15,7 +15,7 @@ from pycocotools import mask as mask_utils
 from .files import atomic_path
 from .viz import class_color, draw_detections, topmost_instance
 
-__all__ = ["Detections", "encode_rle", "save_semantic_png", "save_instance_png"]
+__all__ = ["Detections", "encode_rle", "mask_pixels", "save_semantic_png", "save_instance_png"]
 
 
 def encode_rle(masks: np.ndarray) -> list[dict]:
@@ -29,6 +29,18 @@ def encode_rle(masks: np.ndarray) -> list[dict]:
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
     return rles
+
+
+def mask_pixels(probabilities, threshold: float) -> np.ndarray:
+    """The one rule turning mask probabilities into pixels, for predict, eval and the API alike: a pixel
+    belongs to the object when its probability is at least `threshold`. Boolean masks are kept as they are."""
+    if hasattr(probabilities, "detach"):
+        probabilities = probabilities.detach()
+        if probabilities.dtype.is_floating_point:
+            probabilities = probabilities.float() >= threshold
+        return probabilities.cpu().numpy().astype(bool, copy=False)
+    probabilities = np.asarray(probabilities)
+    return probabilities if probabilities.dtype == np.bool_ else probabilities >= threshold
 
 
 def _numpy(value) -> np.ndarray:
@@ -95,7 +107,7 @@ class Detections:
             probabilities = _numpy(output["masks"])
             if probabilities.ndim == 4:
                 probabilities = probabilities[:, 0]
-            masks = probabilities >= mask_threshold if probabilities.dtype != np.bool_ else probabilities
+            masks = mask_pixels(probabilities, mask_threshold)
         elif image_size is not None:
             masks = np.zeros((len(boxes), *image_size), dtype=bool)
         else:

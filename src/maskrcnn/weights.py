@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import urllib.error
 import urllib.request
@@ -161,6 +162,24 @@ def _looks_like_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"  # 8-byte little-endian header length, then JSON
 
 
+def _unreadable(path: Path, error: Exception) -> str:
+    """Why torch.load(weights_only=True) refused `path`, in our words: torch's own text advises switching
+    that safety off, which would run whatever code the file carries; we never give that advice."""
+    from .exported import is_exported_file
+
+    if is_exported_file(path):
+        return (f"{path}: a model file from `maskrcnn export`, not a checkpoint; `maskrcnn predict` and "
+                "maskrcnn.Predictor run it (a TorchScript one only with --trust-torchscript / trust_torchscript=True)")
+    text = str(error).strip()
+    if "TorchScript" in text:
+        return f"{path}: a TorchScript program, not a checkpoint; maskrcnn reads weights only as tensors"
+    if isinstance(error, pickle.UnpicklingError) or "weights_only" in text:
+        return (f"{path}: not a PyTorch checkpoint that can be loaded safely: it holds Python objects besides "
+                "tensors, and loading them would run code from the file; save the model's state_dict() instead")
+    first = text.splitlines()[0] if text else type(error).__name__
+    return f"{path}: not a PyTorch checkpoint that can be loaded safely ({first})"
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelConfig, list[str], list[int]]:
     """Any supported file -> (state dict in our naming, config, class names, category ids)."""
     path = Path(path)
@@ -179,8 +198,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], M
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise MaskRCNNError(f"{path}: not a PyTorch checkpoint that can be loaded safely ({first})") from None
+            raise MaskRCNNError(_unreadable(path, e)) from None
         if isinstance(state, dict) and "model" in state and "config" in state:  # our training checkpoint
             try:
                 config = ModelConfig.from_dict(state["config"])

@@ -8,24 +8,52 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import time
 from pathlib import Path
+
+from ..checks import COUNT, POSITIVE
+from ._options import add_device_option
 
 NAME = "demo"
 HELP = "run the whole job offline (shapes data -> train -> evaluate -> predict) and write report.html"
 ORDER = 0
 
 NUM_TRAIN, NUM_VAL, NUM_OVERLAYS = 400, 60, 12
+MARKER = ".maskrcnn-demo"  # in every --out folder the demo made: the only folders --fresh deletes
 
 
 def add_arguments(p) -> None:
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--minutes", type=float, default=10.0,
+    p.add_argument("--minutes", type=POSITIVE.flag, default=10.0,
                    help="rough time budget for the whole demo on this machine (default 10)")
-    p.add_argument("--iters", type=int, default=None, help="training iterations (default: fit the time budget)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
-    p.add_argument("--fresh", action="store_true", help="redo every step instead of reusing earlier results")
+    p.add_argument("--iters", type=COUNT.flag, default=None, help="training iterations (default: fit the time budget)")
+    add_device_option(p)
+    p.add_argument("--fresh", action="store_true",
+                   help=f"delete the --out folder of an earlier demo (one holding its {MARKER} file) and redo "
+                        "every step")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def prepare_out(out: Path, fresh: bool) -> None:
+    """Create `out` for the demo, marking a folder it made (or found empty) with MARKER; with `fresh`, first
+    delete a folder that carries the marker. A folder without it may hold the user's files (`--out .`), so
+    `fresh` refuses it rather than deleting anything there."""
+    from ..errors import MaskRCNNError
+    from ..files import write_text_atomic
+
+    if out.exists() and not out.is_dir():
+        raise MaskRCNNError(f"--out {out}: exists and is not a folder")
+    empty = not out.exists() or not any(out.iterdir())
+    if fresh and not empty:
+        if not (out / MARKER).is_file() or out.is_symlink():
+            raise MaskRCNNError(f"--out {out}: --fresh deletes only a folder made by `maskrcnn demo` (one "
+                                f"holding its {MARKER} file), and this one has none; delete it yourself or choose "
+                                "another --out")
+        shutil.rmtree(out)
+        empty = True
+    if empty:
+        write_text_atomic(out / MARKER, "made by `maskrcnn demo`; `maskrcnn demo --fresh` deletes this folder\n")
 
 
 def _say(message: str) -> None:
@@ -33,23 +61,19 @@ def _say(message: str) -> None:
 
 
 def run(args) -> int:
-    import shutil
-
     import torch
 
     from ..data.synthetic import make_shapes
     from ..engine.evaluate import coco_evaluate, format_metrics_table, predict_dataset, write_metrics
     from ..engine.report import write_report
     from ..engine.train import TrainConfig, resolve_defaults, train
-    from ..errors import MaskRCNNError
+    from ..devices import resolve_device
     from ..files import write_text_atomic
 
-    if args.minutes <= 0:
-        raise MaskRCNNError("--minutes must be positive")
     started = time.time()
     out = Path(args.out)
-    if args.fresh and out.exists():
-        shutil.rmtree(out)
+    device = str(resolve_device(args.device))
+    prepare_out(out, args.fresh)
     data, run_dir, eval_dir, pred_dir = out / "data", out / "run", out / "eval", out / "predictions"
     progress = not args.no_progress
 
@@ -62,8 +86,6 @@ def run(args) -> int:
         make_shapes(data, num_train=NUM_TRAIN, num_val=NUM_VAL, seed=0, progress=progress)
 
     # 2. training
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    device = "cpu" if device == "auto" else device
     config = TrainConfig(train_annotations=str(train_json), train_images=str(data / "train"),
                          val_annotations=str(val_json), val_images=str(data / "val"), out=str(run_dir),
                          device=device, amp=device.startswith("cuda"), eval_every=None, checkpoint_every=100)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from ..checks import COUNT
+from ._options import add_detection_options, add_device_option
+
 NAME = "eval"
 HELP = "COCO bbox and segm AP of a checkpoint on a COCO-format dataset"
 ORDER = 30
@@ -13,13 +16,11 @@ def add_arguments(p) -> None:
     p.add_argument("--annotations", required=True, metavar="JSON", help="COCO instances json (ground truth)")
     p.add_argument("--images", required=True, metavar="DIR", help="folder of the images the json lists")
     p.add_argument("--out", metavar="DIR", help="write DIR/metrics.json and DIR/predictions.json")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--batch-size", type=int, default=2, help="images per forward pass (default 2)")
-    p.add_argument("--score-thresh", type=float, default=0.05,
-                   help="drop detections scoring below this (default 0.05, as in COCO evaluation)")
-    p.add_argument("--proposals", type=int, metavar="N",
+    add_device_option(p)
+    p.add_argument("--batch-size", type=COUNT.flag, default=2, help="images per forward pass (default 2)")
+    add_detection_options(p, 0.05, "as in COCO evaluation")
+    p.add_argument("--proposals", type=COUNT.flag, metavar="N",
                    help="RPN proposals per image for the box head (default: the checkpoint's setting)")
-    p.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability -> pixel (default 0.5)")
     p.add_argument("--per-class", action="store_true", help="also print AP per class")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -59,20 +60,19 @@ def run(args) -> int:
 
     from .. import load
     from ..data.coco import CocoDataset
-    from ..engine.distributed import resolve_device
+    from ..devices import resolve_device
     from ..engine.evaluate import coco_evaluate, format_metrics_table, predict_dataset, write_metrics
     from ..errors import MaskRCNNError
     from ..files import write_text_atomic
 
-    if args.batch_size < 1:
-        raise MaskRCNNError("--batch-size must be at least 1")
     device = resolve_device(args.device)
     dataset = CocoDataset(args.annotations, args.images)
     missing = dataset.check_files()
     if missing:
         raise MaskRCNNError(f"{missing[0]}: image file not found ({len(missing)} of the {len(dataset)} images "
                             f"listed in {args.annotations} are missing)")
-    model = load(args.weights, device=device, score_thresh=args.score_thresh, proposals=args.proposals)
+    model = load(args.weights, device=device, score_thresh=args.score_thresh, proposals=args.proposals,
+                 detections_per_img=args.max_detections)
     check_classes(model, dataset, args.weights)
 
     results = predict_dataset(model, dataset, category_ids=model.category_ids, batch_size=args.batch_size,

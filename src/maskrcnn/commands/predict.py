@@ -17,14 +17,15 @@ import csv
 import hashlib
 import io
 import json
-import math
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..checks import COUNT, NON_NEGATIVE
 from ..data.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PIXELS_HELP
 from ..files import write_text_atomic
+from ._options import add_detection_options, add_device_option, add_trust_option
 from ._predict_inputs import InputItem, assign_output_names, expand_inputs
 
 NAME = "predict"
@@ -38,21 +39,18 @@ def add_arguments(p) -> None:
                         "(.mp4 .avi .mov .mkv .webm)")
     p.add_argument("--weights", required=True, metavar="SRC",
                    help="checkpoint file (ours or a torchvision state dict), a registered name, or a file "
-                        "from `maskrcnn export` (.onnx runs on ONNX Runtime; exported files run on the CPU)")
+                        "from `maskrcnn export` (.onnx runs on ONNX Runtime, TorchScript only with "
+                        "--trust-torchscript; exported files run on the CPU)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder (created if missing); DIR/predictions.jsonl records each input as it "
                         "finishes. A finished run's journal is replaced by a new run, an interrupted one is "
                         "refused without --resume")
-    p.add_argument("--score-thresh", type=float, default=0.5, metavar="S",
-                   help="keep detections scoring above this (default 0.5; 0.05 is usual for COCO evaluation)")
-    p.add_argument("--mask-threshold", type=float, default=0.5, metavar="P",
-                   help="mask probability from which a pixel belongs to the object (default 0.5)")
-    p.add_argument("--max-detections", type=int, default=100, metavar="N",
-                   help="at most this many objects per image (default 100)")
+    add_detection_options(p, 0.5, "0.05 is usual for COCO evaluation")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="arithmetic: fp32 (exact, default), bf16 (faster on recent CPUs/GPUs), fp16 (GPU)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default auto)")
-    p.add_argument("--batch-size", type=int, default=1, metavar="N", help="images per forward pass (default 1)")
+    add_device_option(p)
+    p.add_argument("--batch-size", type=COUNT.flag, default=1, metavar="N", help="images per forward pass (default 1)")
+    add_trust_option(p)
     p.add_argument("--semantic", action="store_true",
                    help="also write <name>_semantic.png (class per pixel, palette) and <name>_instances.png "
                         "(16-bit instance ids) per image")
@@ -63,7 +61,7 @@ def add_arguments(p) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in DIR: inputs recorded in predictions.jsonl are skipped "
                         "(failed ones are tried again); refused if it was made with other weights or settings")
-    p.add_argument("--max-pixels", type=float, default=DEFAULT_MAX_PIXELS / 1e6, metavar="MP",
+    p.add_argument("--max-pixels", type=NON_NEGATIVE.flag, default=DEFAULT_MAX_PIXELS / 1e6, metavar="MP",
                    help="refuse images with more than MP million pixels, read from the file header before "
                         f"decoding (0: no limit). Default {DEFAULT_MAX_PIXELS_HELP}")
 
@@ -284,14 +282,6 @@ def run(args) -> int:
     from ..predictor import Predictor
     from ..video import is_video
 
-    if args.batch_size < 1 or args.max_detections < 1:
-        raise MaskRCNNError("--batch-size and --max-detections must be >= 1")
-    for option in ("score_thresh", "mask_threshold"):
-        if not 0.0 <= getattr(args, option) <= 1.0:
-            raise MaskRCNNError(f"--{option.replace('_', '-')} must be between 0 and 1")
-    if not 0 <= args.max_pixels < math.inf:  # also refuses nan
-        raise MaskRCNNError("--max-pixels must be a number >= 0 (0: no limit)")
-
     files, problems = expand_inputs(args.inputs)
     if not files:
         raise MaskRCNNError("no input images or videos: " + "; ".join(problems))
@@ -311,6 +301,7 @@ def run(args) -> int:
     predictor = Predictor(args.weights, device=device, score_thresh=args.score_thresh,
                           mask_threshold=args.mask_threshold, batch_size=args.batch_size,
                           max_detections=args.max_detections, precision=args.precision,
+                          trust_torchscript=args.trust_torchscript,
                           max_pixels=round(args.max_pixels * 1e6) or None)
     todo = [item for item in items if not previous.get(str(item.path), {}).get("ok")]
     mine = todo[process.rank::process.world_size]

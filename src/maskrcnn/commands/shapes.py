@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..checks import COUNT, NON_NEGATIVE_INT, at_least
+
 NAME = "shapes"
 HELP = "write a synthetic COCO-format dataset of overlapping, occluding shapes"
 ORDER = 40
@@ -9,18 +11,15 @@ ORDER = 40
 
 def add_arguments(p) -> None:
     p.add_argument("out", help="output folder (annotations/, train/, val/)")
-    p.add_argument("--train", type=int, default=400, help="number of training images (default 400)")
-    p.add_argument("--val", type=int, default=60, help="number of validation images (default 60)")
-    p.add_argument("--size", type=int, default=256, help="shorter image side in pixels (default 256)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--train", type=COUNT.flag, default=400, help="number of training images (default 400)")
+    p.add_argument("--val", type=COUNT.flag, default=60, help="number of validation images (default 60)")
+    p.add_argument("--size", type=at_least(32).flag, default=256,
+                   help="shorter image side in pixels, at least 32 (default 256)")
+    p.add_argument("--seed", type=NON_NEGATIVE_INT.flag, default=0, help="random seed (default 0)")
 
 
 def run(args) -> int:
     from ..data.synthetic import make_shapes
-    from ..errors import MaskRCNNError
-
-    if args.train < 0 or args.val < 0 or args.size < 32:
-        raise MaskRCNNError("--train/--val must be >= 0 and --size >= 32")
     summary = make_shapes(args.out, num_train=args.train, num_val=args.val, size=args.size, seed=args.seed)
     print(f"wrote {summary['num_train_images']} train / {summary['num_val_images']} val images "
           f"({summary['num_train_instances']} / {summary['num_val_instances']} instances) to {summary['root']}")

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..engine.train_rules import flag
+from ._options import add_device_option
+
 NAME = "train"
 HELP = "train or fine-tune Mask R-CNN on a COCO-format dataset (runs under torchrun for several processes)"
 ORDER = 20
@@ -49,55 +52,70 @@ def add_arguments(p) -> None:
 
     opt = p.add_argument_group("schedule")
     length = opt.add_mutually_exclusive_group()
-    length.add_argument("--iters", type=int, default=S, help="run length in iterations")
-    length.add_argument("--epochs", type=int, default=S, help="run length in epochs")
-    opt.add_argument("--batch-size", type=int, default=S, help="global batch size (split across processes)")
-    opt.add_argument("--lr", type=float, default=S, help="peak learning rate")
-    opt.add_argument("--weight-decay", type=float, default=S)
-    opt.add_argument("--warmup-iters", type=int, default=S)
+    length.add_argument("--iters", type=flag("iters"), default=S, help="run length in iterations")
+    length.add_argument("--epochs", type=flag("epochs"), default=S, help="run length in epochs")
+    opt.add_argument("--batch-size", type=flag("batch_size"), default=S,
+                     help="global batch size (split across processes)")
+    opt.add_argument("--lr", type=flag("lr"), default=S, help="peak learning rate")
+    opt.add_argument("--weight-decay", type=flag("weight_decay"), default=S,
+                     help="weight decay (default 1e-4 for SGD, 0.05 for AdamW; 0: none)")
+    opt.add_argument("--warmup-iters", type=flag("warmup_iters"), default=S,
+                     help="iterations of linear lr warm-up (default 100)")
     opt.add_argument("--schedule", choices=("auto", "cosine", "step", "constant"), default=S,
                      help="lr after warm-up; auto (default): constant from scratch (see --cooldown), cosine decay "
                           "when fine-tuning")
-    opt.add_argument("--cooldown", type=float, default=S, metavar="FRACTION",
+    opt.add_argument("--cooldown", type=flag("cooldown"), default=S, metavar="FRACTION",
                      help="constant schedule: the lr falls linearly to 0 over this last fraction of the run "
                           "(default 0.2; 0: none)")
-    opt.add_argument("--ema", type=float, default=S, metavar="DECAY",
+    opt.add_argument("--ema", type=flag("ema_decay"), default=S, metavar="DECAY",
                      help="evaluate and save a moving average of the weights with this decay (0: the raw weights)")
-    opt.add_argument("--grad-clip", type=float, default=S, metavar="NORM", help="max gradient norm (0: off)")
+    opt.add_argument("--grad-clip", type=flag("grad_clip"), default=S, metavar="NORM",
+                     help="max gradient norm (0: off)")
     opt.add_argument("--amp", action="store_true", default=S, help="CUDA float16 mixed precision")
     opt.add_argument("--bf16", action="store_true", default=S,
                      help="bfloat16 autocast (CPU or CUDA); on by default for CPUs with native bf16")
     opt.add_argument("--fp32", action="store_true", default=S, help="no bfloat16 autocast, even where it is the default")
     opt.add_argument("--optimizer", choices=("auto", "sgd", "adamw"), default=S,
                      help="auto (default): AdamW from scratch, SGD with momentum when fine-tuning (--init)")
-    opt.add_argument("--seed", type=int, default=S)
+    opt.add_argument("--seed", type=flag("seed"), default=S, help="run seed (default 0)")
 
     aug = p.add_argument_group("training images")
-    aug.add_argument("--min-size", type=int, nargs="+", default=S, metavar="S",
+    aug.add_argument("--min-size", type=flag("min_sizes"), nargs="+", default=S, metavar="S",
                      help="shorter side(s) in training, one picked per image (eval uses the largest)")
-    aug.add_argument("--max-size", type=int, default=S, help="longer side limit in training and evaluation")
-    aug.add_argument("--lsj", type=int, default=S, metavar="SIZE",
+    aug.add_argument("--max-size", type=flag("max_size"), default=S,
+                     help="longer side limit in training and evaluation")
+    aug.add_argument("--lsj", type=flag("lsj"), default=S, metavar="SIZE",
                      help="large scale jitter to SIZE x SIZE crops instead of --min-size/--max-size")
     aug.add_argument("--no-flip", action="store_true", default=S, help="no random horizontal flips")
 
     run = p.add_argument_group("run")
-    run.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:N")
-    run.add_argument("--workers", type=int, default=S, help="data loading processes (default: 0 on CPU, 2 on CUDA)")
-    run.add_argument("--threads", type=int, default=S, help="CPU threads per process (default: torch's choice)")
+    add_device_option(run, default=S)
+    run.add_argument("--workers", type=flag("num_workers"), default=S,
+                     help="data loading processes (default: 0 on CPU, 2 on CUDA)")
+    run.add_argument("--threads", type=flag("threads"), default=S,
+                     help="CPU threads per process (default: torch's choice)")
     run.add_argument("--resume", action="store_true", help="continue RUN_DIR/last.pt (exactly where it stopped)")
-    run.add_argument("--eval-every", type=int, default=S, metavar="N", help="validate every N iterations")
-    run.add_argument("--checkpoint-every", type=int, default=S, metavar="N")
-    run.add_argument("--log-every", type=int, default=S, metavar="N")
+    run.add_argument("--eval-every", type=flag("eval_every"), default=S, metavar="N",
+                     help="validate every N iterations")
+    run.add_argument("--checkpoint-every", type=flag("checkpoint_every"), default=S, metavar="N")
+    run.add_argument("--log-every", type=flag("log_every"), default=S, metavar="N")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _parse_value(text: str):
+    """YAML, except that what Python reads as a number is one (YAML 1.1 leaves 1e-3 and nan as text)."""
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _model_options(args, base: dict) -> dict:
@@ -151,7 +169,7 @@ def build_config(args):
     if hasattr(args, "no_flip"):
         changes["flip"] = False
     if hasattr(args, "norm") or hasattr(args, "model_option"):
-        changes["model"] = _model_options(args, config.model)
+        config = config_with(config, {"model": _model_options(args, config.model)}, "--model-option")
     return config_with(config, changes, "command line")
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..devices import resolve_device
+
 
 @dataclass
 class ProcessInfo:
@@ -59,13 +61,6 @@ def setup(device: str) -> tuple[ProcessInfo, torch.device]:
 
 
 _created_group = False  # set when setup() started the process group (so cleanup() may end it)
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when present; anything else is passed to torch.device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def is_initialized() -> bool:

@@ -31,9 +31,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from ..checks import COUNT, PROBABILITY
 from ..errors import MaskRCNNError
 from ..files import write_text_atomic
-from ..results import encode_rle
+from ..results import encode_rle, mask_pixels
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES = ("bbox", "segm")
@@ -246,7 +247,7 @@ def _to_coco(output: dict, image_id: int, image_size, category_ids, mask_thresho
         if tuple(masks.shape[-2:]) != tuple(image_size):
             # COCO masks must be at the annotated image size, or IoUs are meaningless (pycocotools raises).
             raise ValueError(f"model returned {tuple(masks.shape[-2:])} masks for a {tuple(image_size)} image")
-        rles = encode_rle((masks > mask_threshold).cpu().numpy())
+        rles = encode_rle(mask_pixels(masks, mask_threshold))
     results = []
     for i in range(len(boxes)):
         x1, y1, x2, y2 = (float(v) for v in boxes[i])
@@ -269,8 +270,8 @@ def predict_dataset(model, dataset, *, category_ids, batch_size: int = 1, mask_t
     """
     from tqdm import tqdm
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    COUNT.check("batch_size", batch_size)
+    PROBABILITY.check("mask_threshold", mask_threshold)
     results = PredictionResults()
     known_ids = getattr(dataset, "image_ids", None)
     was_training = isinstance(model, torch.nn.Module) and model.training

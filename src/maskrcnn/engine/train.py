@@ -30,10 +30,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..checks import NON_NEGATIVE, check_fields
 from ..errors import MaskRCNNError
 from . import distributed
 from .checkpoint import TRAIN_FORMAT_TAG, atomic_torch_save, read_training_checkpoint
 from .ema import WeightAverage
+from .train_rules import OPTIONAL, TRAIN_RULES
 
 # Independent random streams derived from the one run seed (see the module docstring).
 _DATA_ORDER, _AUGMENT, _SAMPLING, _STEP, _INIT = 1, 2, 3, 4, 5
@@ -171,7 +173,24 @@ class TrainConfig:
                 data[key] = tuple(data[key])
             elif isinstance(data.get(key), (int, float)) and key != "lsj_scale":
                 data[key] = (data[key],)
+        problems = setting_problems(data)
+        if problems:
+            raise MaskRCNNError(f"{source}: " + "; ".join(problems))
         return cls(**data)
+
+
+def setting_problems(data: dict) -> list[str]:
+    """One sentence per TrainConfig setting in `data` that is out of range, model overrides included."""
+    from ..modeling.model import model_setting_problems
+
+    problems = check_fields(data, TRAIN_RULES, optional=OPTIONAL)
+    weights = data.get("loss_weights") or {}
+    if isinstance(weights, dict):
+        problems += check_fields(weights, dict.fromkeys(weights, NON_NEGATIVE), prefix="loss_weights.")
+    for key in ("model", "scratch_model"):
+        if isinstance(data.get(key), dict):
+            problems += [f"{key}: {p}" for p in model_setting_problems(data[key])]
+    return problems
 
 
 def _plain(value):
@@ -428,15 +447,9 @@ def resolve_defaults(config: TrainConfig, device: torch.device) -> TrainConfig:
 
 
 def _check_config(c: TrainConfig) -> None:
-    problems = []
+    problems = setting_problems(asdict(c))
     if (c.iters is None) == (c.epochs is None):
         problems.append("set exactly one of iters and epochs")
-    if c.iters is not None and c.iters < 1 or c.epochs is not None and c.epochs < 1:
-        problems.append("iters/epochs must be at least 1")
-    if c.batch_size < 1:
-        problems.append("batch_size must be at least 1")
-    if c.lr is not None and c.lr <= 0:
-        problems.append("lr must be positive")
     if c.optimizer not in ("auto", "sgd", "adamw"):
         problems.append(f"optimizer must be auto, sgd or adamw, got {c.optimizer!r}")
     if c.schedule not in ("auto", "cosine", "step", "constant"):
@@ -446,16 +459,11 @@ def _check_config(c: TrainConfig) -> None:
     unknown_losses = sorted(set(c.loss_weights) - set(LOSS_NAMES))
     if unknown_losses:
         problems.append(f"loss_weights: unknown losses {unknown_losses}; the losses are {list(LOSS_NAMES)}")
-    if not 0.0 <= c.cooldown <= 1.0:
-        problems.append(f"cooldown must be a fraction of the run between 0 and 1, got {c.cooldown}")
-    if c.ema_decay is not None and not 0.0 < c.ema_decay < 1.0:
-        problems.append(f"ema_decay must be between 0 and 1 (or None for no average), got {c.ema_decay}")
-    if c.warmup_iters < 0 or c.checkpoint_every < 1 or c.log_every < 1 or (c.num_workers or 0) < 0:
-        problems.append("warmup_iters, num_workers must be >= 0; checkpoint_every, log_every >= 1")
-    if c.eval_every is not None and c.eval_every < 1:
-        problems.append("eval_every must be >= 1 (or None for only at the end)")
-    if not c.lsj and (not c.min_sizes or min(c.min_sizes) < 1 or c.max_size < max(c.min_sizes)):
-        problems.append("min_sizes must be positive and max_size at least the largest of them")
+    if not problems:  # the ranges hold, so the values compare
+        if not c.lsj and (not c.min_sizes or c.max_size < max(c.min_sizes)):
+            problems.append("min_sizes must be given and max_size at least the largest of them")
+        if not isinstance(c.lsj_scale, (list, tuple)) or len(c.lsj_scale) != 2 or c.lsj_scale[0] > c.lsj_scale[1]:
+            problems.append(f"lsj_scale must be [smallest, largest] scale, got {c.lsj_scale}")
     if (c.val_annotations is None) != (c.val_images is None):
         problems.append("give both val_annotations and val_images, or neither")
     if problems:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
+from ..checks import COUNT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, PROBABILITY, Each, Number, check_fields
 from .anchors import AnchorGenerator
 from .backbone import ResNet
 from .box_head import BoxPredictor, ConvFCBoxHead, MLPBoxHead, SplitMLPBoxHead
@@ -109,11 +110,41 @@ def build_model(arch: str = "resnet50_fpn", num_classes: int = 91, **options) ->
     return MaskRCNN(arch_config(arch, num_classes, **options))
 
 
-def _check_count(name: str, value, minimum: int, alternative: str = "") -> None:
-    """An int setting (not a bool, which Python counts as one) of at least `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "positive" if minimum == 1 else "non-negative"
-        raise ValueError(f"{name} must be a {kind} integer{alternative}, got {value!r}")
+# The numeric settings' ranges (maskrcnn.checks). A model checks its config when built, and `maskrcnn train`
+# checks --model-option and config-file overrides with the same table before any work starts.
+_MODEL_RULES = {
+    "num_classes": COUNT, "frozen_stages": NON_NEGATIVE_INT, "fpn_channels": COUNT,
+    "rpn_conv_depth": NON_NEGATIVE_INT, "box_head_hidden": COUNT, "box_sampling_ratio": COUNT,
+    "mask_sampling_ratio": COUNT, "mask_head_channels": COUNT, "max_size": COUNT,
+    "box_fg_iou_thresh": PROBABILITY, "box_bg_iou_thresh": PROBABILITY, "box_batch_size_per_image": COUNT,
+    "box_positive_fraction": PROBABILITY, "mask_rois_per_image": COUNT, "gt_jitter_copies": NON_NEGATIVE_INT,
+    "score_thresh": PROBABILITY, "nms_thresh": PROBABILITY, "detections_per_img": COUNT,
+    "min_size": Each(COUNT), "anchor_sizes": Each(POSITIVE), "aspect_ratios": Each(POSITIVE),
+    "image_std": Each(POSITIVE), "image_mean": Each(Number()),
+}
+_OPTIONAL = {"mask_rois_per_image"}  # None: every positive gets a mask loss
+_RPN_RULES = {
+    "pre_nms_top_n_train": COUNT, "pre_nms_top_n_test": COUNT, "post_nms_top_n_train": COUNT,
+    "post_nms_top_n_test": COUNT, "nms_thresh": PROBABILITY, "min_size": NON_NEGATIVE,
+    "score_thresh": PROBABILITY, "fg_iou_thresh": PROBABILITY, "bg_iou_thresh": PROBABILITY,
+    "batch_size_per_image": COUNT, "positive_fraction": PROBABILITY,
+}
+
+
+def model_setting_problems(options: dict) -> list[str]:
+    """One sentence per ModelConfig setting in `options` (all of them, or just some overrides) that is
+    unknown or out of range; the nested `rpn` settings are named `rpn.KEY`."""
+    known = {f.name for f in fields(ModelConfig)}
+    problems = [f"unknown model setting {key!r}" for key in options if key not in known]
+    problems += check_fields(options, _MODEL_RULES, optional=_OPTIONAL)
+    if "rpn" in options:
+        rpn = asdict(options["rpn"]) if isinstance(options["rpn"], RPNConfig) else options["rpn"]
+        if not isinstance(rpn, dict):
+            return problems + [f"rpn must be a mapping of RPN settings, got {rpn!r}"]
+        rpn_known = {f.name for f in fields(RPNConfig)}
+        problems += [f"unknown model setting 'rpn.{key}'" for key in rpn if key not in rpn_known]
+        problems += check_fields(rpn, _RPN_RULES, prefix="rpn.")
+    return problems
 
 
 class MaskRCNN(nn.Module):
@@ -123,6 +154,9 @@ class MaskRCNN(nn.Module):
                  category_ids: list[int] | None = None):
         super().__init__()
         c = config
+        problems = model_setting_problems(c.to_dict())
+        if problems:
+            raise ValueError("; ".join(problems))
         self.config = c
         # Inference arithmetic: "fp32" reproduces torchvision; "bf16" (CPU or GPU) and "fp16" (GPU) run the
         # convolutions and matmuls in half width under autocast, while box decoding, NMS and mask pasting
@@ -136,12 +170,6 @@ class MaskRCNN(nn.Module):
         anchors = AnchorGenerator(c.anchor_sizes, c.aspect_ratios)
         self.rpn = RegionProposalNetwork(RPNHead(c.fpn_channels, anchors.num_anchors_per_location,
                                                  c.rpn_conv_depth), anchors, c.rpn)
-        for name, minimum in (("box_sampling_ratio", 1), ("mask_sampling_ratio", 1), ("gt_jitter_copies", 0)):
-            _check_count(name, getattr(c, name), minimum)
-        for name in ("pre_nms_top_n_train", "pre_nms_top_n_test", "post_nms_top_n_train", "post_nms_top_n_test"):
-            _check_count(f"rpn.{name}", getattr(c.rpn, name), 1)
-        if c.mask_rois_per_image is not None:
-            _check_count("mask_rois_per_image", c.mask_rois_per_image, 1, " or None (all positives)")
         self.box_pooler = MultiLevelRoIAlign(7, sampling_ratio=c.box_sampling_ratio)
         if c.box_head == "mlp":
             self.box_head = MLPBoxHead(c.fpn_channels, 7, c.box_head_hidden, norm=c.mlp_head_norm)

@@ -1,0 +1,31 @@
+"""Flags several commands share, declared once so they read and check the same everywhere."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..checks import COUNT, PROBABILITY
+
+TRUST_HELP = ("run a TorchScript file given as --weights (TorchScript is a program, not data: pass this only "
+              "for files you made or trust)")
+
+
+def add_detection_options(p, score_default: float, score_use: str) -> None:
+    """--score-thresh, --mask-threshold, --max-detections: the same rules for eval and predict."""
+    p.add_argument("--score-thresh", type=PROBABILITY.flag, default=score_default, metavar="S",
+                   help=f"keep detections scoring above this, 0 to 1 (default {score_default}; {score_use})")
+    p.add_argument("--mask-threshold", type=PROBABILITY.flag, default=0.5, metavar="P",
+                   help="a pixel belongs to an object when its mask probability is at least this, 0 to 1 "
+                        "(default 0.5)")
+    p.add_argument("--max-detections", type=COUNT.flag, default=100, metavar="N",
+                   help="at most this many objects per image (default 100, as in COCO evaluation)")
+
+
+def add_device_option(p, default: str = "auto") -> None:
+    """--device, read by maskrcnn.devices.resolve_device; `default` argparse.SUPPRESS leaves it to a config."""
+    shown = default if default != argparse.SUPPRESS else "auto"
+    p.add_argument("--device", default=default, help=f"auto (CUDA when present), cpu, cuda or cuda:N (default {shown})")
+
+
+def add_trust_option(p) -> None:
+    p.add_argument("--trust-torchscript", action="store_true", help=TRUST_HELP)
