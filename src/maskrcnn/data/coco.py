@@ -44,9 +44,10 @@ class CocoDataset(Dataset):
 
     Every annotation and image header is checked at construction and all problems are raised together
     in one MaskRCNNError; with `skip_invalid=True` the images and annotations with problems are left out
-    instead (one summary warning). Crowd regions, boxes under 1 px and empty masks are not training positives, so they are left out
-    of targets (one summary warning per dataset). `coco` keeps the full json for COCO evaluation;
-    missing `iscrowd`/`area` fields are filled in there so COCOeval accepts hand-made files.
+    instead (one summary warning). Crowd regions, boxes under 1 px and empty masks are not training
+    positives, so they are left out of targets (one summary warning per dataset). `coco` keeps the full
+    json for COCO evaluation; missing `iscrowd`/`area` fields are filled in there so COCOeval accepts
+    hand-made files.
 
     `transforms` is called as `transforms(image, target)`. With `augment_seed` set it is called as
     `transforms(image, target, generator=g)` where g is seeded from (augment_seed, epoch, index), so
