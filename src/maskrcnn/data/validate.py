@@ -198,7 +198,7 @@ def _image_entry_problem(image, index: int, required: tuple[str, ...], seen: dic
         return f"{name}: {image['width']}x{image['height']} is more pixels than an image can have ({2 * limit})"
     if "file_name" in required and not _confined(image["file_name"]):
         return (f"{name}: 'file_name' must be a relative path inside the images folder, "
-                f"got {_show(image['file_name'])}")
+                f"got {_show(image['file_name'], 200)}")
     return None
 
 

@@ -63,6 +63,11 @@ def load_coco_gt(coco_gt, verbose: bool = False) -> COCO:
         checked_coco(coco_gt.dataset, "the ground-truth COCO object", images_dir=None)
     coco_gt.maskrcnn_checked = True
     for annotation in coco_gt.anns.values():
+        if annotation.get("segmentation") == []:
+            # No polygon: an empty mask, which pycocotools fails on (IndexError) as an empty list.
+            image = coco_gt.imgs[annotation["image_id"]]
+            annotation["segmentation"] = {"size": [image["height"], image["width"]],
+                                          "counts": [image["height"] * image["width"]]}
         # COCOeval indexes `iscrowd` and `area` directly and raises KeyError without them.
         annotation.setdefault("iscrowd", 0)
         if "area" not in annotation:
