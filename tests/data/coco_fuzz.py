@@ -236,7 +236,9 @@ def run_property(examples: int) -> None:
 def _cap_memory() -> None:
     with open("/proc/self/status") as status:
         virtual = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
-    resource.setrlimit(resource.RLIMIT_AS, (virtual + MEMORY_CAP, resource.RLIM_INFINITY))
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = virtual + MEMORY_CAP if hard == resource.RLIM_INFINITY else min(virtual + MEMORY_CAP, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
 def main(argv: list[str]) -> int:
