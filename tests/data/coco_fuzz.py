@@ -132,9 +132,9 @@ def mutate(draw, data: dict, folder: Path) -> str:
         annotation["segmentation"] = draw(polygons)
         return f"polygons {annotation['segmentation']!r}"
     if kind == "rle":
-        counts = draw(st.one_of(rle_text, st.lists(st.integers(-5, 70), max_size=6), values))
-        size = draw(st.one_of(st.just([6, 8]), st.just([7, 10]), values))
-        annotation["segmentation"] = {"size": size, "counts": counts}
+        size = _image_size(data, annotation)
+        annotation["segmentation"] = {"size": draw(st.one_of(st.just(size), values)),
+                                      "counts": draw(st.one_of(_rle_counts(st, size), rle_text, values))}
         return f"rle {annotation['segmentation']!r}"
     if kind == "file_name":
         image = data["images"][draw(st.integers(0, len(data["images"]) - 1))] if isinstance(data.get("images"), list) \
@@ -146,13 +146,31 @@ def mutate(draw, data: dict, folder: Path) -> str:
     return _damage_image(draw, st, folder)
 
 
+def _image_size(data: dict, annotation: dict) -> list:
+    """[height, width] of the annotation's image as the json states it (mostly the right RLE size)."""
+    image = next((image for image in data.get("images") or [] if isinstance(image, dict)
+                  and image.get("id") == annotation.get("image_id")), {})
+    return [image.get("height"), image.get("width")]
+
+
+def _rle_counts(st, size: list):
+    """Run lengths adding up to the image's pixels or a few off: lists, and strings pycocotools wrote."""
+    height, width = (size if all(isinstance(v, int) and 0 < v < 100 for v in size) else [6, 8])
+    pixels = height * width
+    near = st.builds(lambda first, off: [first, pixels - first + off], st.integers(0, pixels), st.integers(-2, 2))
+    strings = st.builds(lambda h, w, seed: _compressed(np.random.default_rng(seed).integers(0, 2, (h, w))
+                                                      .astype(np.uint8)),
+                        st.integers(height - 1, height + 1), st.integers(width - 1, width + 1), st.integers(0, 9))
+    return st.one_of(near, strings, st.lists(st.integers(-3, 70), max_size=4))
+
+
 def _damage_image(draw, st, folder: Path) -> str:
     name = draw(st.sampled_from(sorted(IMAGES)))
     path = folder / name
     content = path.read_bytes()
     how = draw(st.sampled_from(["truncate", "garbage", "empty", "wrong size", "other format"]))
     if how == "truncate":
-        content = content[:draw(st.integers(0, len(content) - 1))]
+        content = content[:draw(st.integers(0, max(0, len(content) - 1)))]
     elif how == "garbage":
         content = draw(st.binary(max_size=200))
     elif how == "empty":

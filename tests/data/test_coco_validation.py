@@ -459,3 +459,11 @@ def test_compressed_rle_reader_on_any_string_agrees_with_pycocotools(counts):
     decoded = mask_utils.decode({"size": [1, total], "counts": counts.encode("ascii")})
     expected = np.repeat(np.arange(len(runs)) % 2, runs).astype(np.uint8)
     np.testing.assert_array_equal(decoded.ravel(order="F"), expected)
+
+
+def test_image_without_a_size_is_one_problem_not_one_per_annotation(tmp_path):
+    """Its annotations cannot be checked against a size, and are not reported as pointing nowhere."""
+    def change(data, folder):
+        del data["images"][0]["width"]
+    folder = _folder(tmp_path, change)
+    assert _error(folder) == f"{folder / 'instances.json'}: image 1: missing field 'width'"

@@ -103,10 +103,10 @@ def validate_coco(data, source: str, images_dir: Path | None) -> Report:
     _check_top_level(data, source)
     report = Report(source)
     category_ids = _check_categories(data["categories"], report)
-    images = _check_images(data["images"], report, images_dir is not None)
+    image_ids, sized = _check_images(data["images"], report, images_dir is not None)
     if images_dir is not None:
-        _check_image_files(data["images"], images, report, Path(images_dir))
-    _check_annotations(data["annotations"], report, images, category_ids)
+        _check_image_files(data["images"], sized, report, Path(images_dir))
+    _check_annotations(data["annotations"], report, image_ids, sized, category_ids)
     return report
 
 
@@ -159,27 +159,28 @@ def _check_categories(categories: list, report: Report) -> set[int]:
     return ids
 
 
-def _check_images(images: list, report: Report, need_file: bool) -> dict[int, dict]:
-    """Entries with an id and a usable size (their annotations can be checked) by id; problems noted."""
+def _check_images(images: list, report: Report, need_file: bool) -> tuple[set[int], dict[int, dict]]:
+    """The image ids (first entry of each), and by id the entries with a usable size, against which their
+    annotations are checked; problems noted."""
     required = ("id", "file_name", "width", "height") if need_file else ("id", "width", "height")
-    by_id: dict[int, dict] = {}
+    ids: set[int] = set()
+    sized: dict[int, dict] = {}
     for index, image in enumerate(images):
-        problem = _image_entry_problem(image, index, required, by_id)
+        problem = _image_entry_problem(image, index, required, ids)
         if problem:
             report.add("images", index, f"{report.source}: {problem}")
-            if problem.endswith("appears twice") or not isinstance(image, dict) or not is_id(image.get("id")):
-                continue
-            if not all(_is_size(image.get(key)) for key in ("width", "height")):
-                continue
-        by_id.setdefault(image["id"], image)
-    return by_id
+        if isinstance(image, dict) and is_id(image.get("id")) and image["id"] not in ids:
+            ids.add(image["id"])
+            if _is_size(image.get("width")) and _is_size(image.get("height")):
+                sized[image["id"]] = image
+    return ids, sized
 
 
 def _is_size(value) -> bool:
     return is_id(value) and value > 0
 
 
-def _image_entry_problem(image, index: int, required: tuple[str, ...], seen: dict) -> str | None:
+def _image_entry_problem(image, index: int, required: tuple[str, ...], seen: set[int]) -> str | None:
     if not isinstance(image, dict):
         return f"image at index {index}: must be a JSON object"
     name = f"image {_show(image['id'])}" if "id" in image else f"image at index {index}"
@@ -213,10 +214,10 @@ def _confined(name) -> bool:
     return normal != "." and normal != ".." and not normal.startswith(".." + os.sep)
 
 
-def _check_image_files(images: list, by_id: dict[int, dict], report: Report, images_dir: Path) -> None:
+def _check_image_files(images: list, sized: dict[int, dict], report: Report, images_dir: Path) -> None:
     """Header of every image whose entry is otherwise fine: it exists, opens, and has the stated size."""
     jobs = [(index, image) for index, image in enumerate(images)
-            if index not in report.bad["images"] and by_id.get(image["id"]) is image]
+            if index not in report.bad["images"] and sized.get(image["id"]) is image]
     with ThreadPoolExecutor(max_workers=min(_HEADER_THREADS, max(1, len(jobs)))) as pool:
         results = list(pool.map(lambda job: _header_problem(job[1], images_dir, report.source), jobs))
     for (index, _), problem in zip(jobs, results):
@@ -238,15 +239,17 @@ def _header_problem(image: dict, images_dir: Path, source: str) -> str | None:
     return None
 
 
-def _check_annotations(annotations: list, report: Report, images: dict[int, dict], category_ids: set[int]) -> None:
+def _check_annotations(annotations: list, report: Report, image_ids: set[int], sized: dict[int, dict],
+                       category_ids: set[int]) -> None:
     seen: set[int] = set()
     for index, annotation in enumerate(annotations):
-        problems = _annotation_problems(annotation, index, seen, images, category_ids)
+        problems = _annotation_problems(annotation, index, seen, (image_ids, sized), category_ids)
         for problem in problems:
             report.add("annotations", index, f"{report.source}: {problem}")
 
 
-def _annotation_problems(annotation, index: int, seen: set, images: dict, category_ids: set) -> list[str]:
+def _annotation_problems(annotation, index: int, seen: set, images: tuple[set, dict],
+                         category_ids: set) -> list[str]:
     if not isinstance(annotation, dict):
         return [f"annotation at index {index}: must be a JSON object"]
     if "id" not in annotation:
@@ -268,13 +271,14 @@ def _annotation_problems(annotation, index: int, seen: set, images: dict, catego
         problems.append(f"{name}: 'area' must be a number >= 0, got {_show(annotation['area'])}")
     if "iscrowd" in annotation and not (is_id(annotation["iscrowd"]) and annotation["iscrowd"] in (0, 1)):
         problems.append(f"{name}: 'iscrowd' must be 0 or 1, got {_show(annotation['iscrowd'])}")
-    for key, known, what in (("category_id", category_ids, "categories"), ("image_id", images, "images")):
+    image_ids, sized = images
+    for key, known, what in (("category_id", category_ids, "categories"), ("image_id", image_ids, "images")):
         value = annotation[key]
         if not is_id(value):
             problems.append(f"{name}: '{key}' must be an integer, got {_show(value)}")
         elif value not in known:
             problems.append(f"{name} has {key} {value!r} which is not in '{what}'")
-    image = images.get(annotation["image_id"]) if is_id(annotation["image_id"]) else None
+    image = sized.get(annotation["image_id"]) if is_id(annotation["image_id"]) else None
     if image is not None:
         problem = segmentation_problem(annotation["segmentation"], image)
         if problem:
