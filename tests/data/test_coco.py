@@ -292,7 +292,13 @@ def test_not_json_and_missing_file(tmp_path):
 def test_missing_image_file_is_reported(tmp_path):
     path = _write(tmp_path, _base_json())
     (tmp_path / "b.png").unlink()
+    # Since the up-front checks (data/validate.py) a missing file stops the opening, not the first read.
+    with pytest.raises(MaskRCNNError, match=r"b\.png: image file not found \(referenced by image id 2"):
+        CocoDataset(path, tmp_path)
+    # A file deleted after the opening is still named when it is read.
+    _write(tmp_path, _base_json())
     dataset = CocoDataset(path, tmp_path)
+    (tmp_path / "b.png").unlink()
     assert dataset.check_files() == [tmp_path / "b.png"]
     dataset[0]
     with pytest.raises(MaskRCNNError, match=r"b\.png: image file not found \(referenced by image id 2"):

@@ -22,6 +22,8 @@ def add_arguments(p) -> None:
     p.add_argument("--proposals", type=COUNT.flag, metavar="N",
                    help="RPN proposals per image for the box head (default: the checkpoint's setting)")
     p.add_argument("--per-class", action="store_true", help="also print AP per class")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="leave out images and annotations with problems (one warning) instead of stopping")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -66,7 +68,7 @@ def run(args) -> int:
     from ..files import write_text_atomic
 
     device = resolve_device(args.device)
-    dataset = CocoDataset(args.annotations, args.images)
+    dataset = CocoDataset(args.annotations, args.images, skip_invalid=args.skip_invalid)
     missing = dataset.check_files()
     if missing:
         raise MaskRCNNError(f"{missing[0]}: image file not found ({len(missing)} of the {len(dataset)} images "

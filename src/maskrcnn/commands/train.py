@@ -25,6 +25,7 @@ _DIRECT = {
     "device": "device",
     "workers": "num_workers", "threads": "threads", "min_size": "min_sizes", "max_size": "max_size", "lsj": "lsj", "seed": "seed",
     "eval_every": "eval_every", "checkpoint_every": "checkpoint_every", "log_every": "log_every",
+    "skip_invalid": "skip_invalid",
 }
 
 
@@ -38,6 +39,8 @@ def add_arguments(p) -> None:
     data.add_argument("--out", metavar="RUN_DIR", default=S,
                       help="run folder: last.pt, model.safetensors, best.safetensors, metrics.jsonl, curves.png")
     data.add_argument("--config", metavar="FILE", help="YAML or JSON file of TrainConfig fields (flags override it)")
+    data.add_argument("--skip-invalid", action="store_true", default=S,
+                      help="leave out images and annotations with problems (one warning) instead of stopping")
 
     model = p.add_argument_group("model")
     model.add_argument("--arch", default=S, help="architecture when training from scratch (default resnet18_fpn)")

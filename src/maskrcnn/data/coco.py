@@ -1,7 +1,8 @@
 """COCO-format instance segmentation dataset.
 
-The json is checked up front so a broken annotation file fails in the first second with a message
-naming the file, the annotation and the field, not an hour into training with a KeyError.
+The json and the image headers are checked up front (maskrcnn/data/validate.py) so a broken dataset
+fails in the first seconds with every problem named (file, image or annotation, field), not an hour
+into training with a KeyError or inside pycocotools.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +22,8 @@ from torch.utils.data import Dataset
 
 from maskrcnn.data.augment import seeded_generator
 from maskrcnn.data.images import read_image, to_float_tensor
+from maskrcnn.data.validate import checked_coco
 from maskrcnn.errors import MaskRCNNError
-
-_TOP_LEVEL_KEYS = ("images", "annotations", "categories")
-_IMAGE_FIELDS = ("id", "file_name", "width", "height")
-_ANNOTATION_FIELDS = ("image_id", "category_id", "bbox", "segmentation")
 
 
 @dataclass
@@ -45,9 +42,12 @@ class CocoDataset(Dataset):
     `boxes` (N,4) float32 xyxy pixels, `labels` (N,) int64 in 1..K, `masks` (N,H,W) uint8,
     `image_id` int and `file_name` str.
 
-    Crowd regions, boxes under 1 px and empty masks are not training positives, so they are left out
-    of targets (one summary warning per dataset). `coco` keeps the full json for COCO evaluation;
-    missing `iscrowd`/`area` fields are filled in there so COCOeval accepts hand-made files.
+    Every annotation and image header is checked at construction and all problems are raised together
+    in one MaskRCNNError; with `skip_invalid=True` the images and annotations with problems are left out
+    instead (one summary warning). Crowd regions, boxes under 1 px and empty masks are not training
+    positives, so they are left out of targets (one summary warning per dataset). `coco` keeps the full
+    json for COCO evaluation; missing `iscrowd`/`area` fields are filled in there so COCOeval accepts
+    hand-made files.
 
     `transforms` is called as `transforms(image, target)`. With `augment_seed` set it is called as
     `transforms(image, target, generator=g)` where g is seeded from (augment_seed, epoch, index), so
@@ -56,7 +56,7 @@ class CocoDataset(Dataset):
     """
 
     def __init__(self, annotations: str | Path, images: str | Path, transforms=None,
-                 augment_seed: int | None = None):
+                 augment_seed: int | None = None, skip_invalid: bool = False):
         self.annotations_path = Path(annotations)
         self.images_dir = Path(images)
         self.transforms = transforms
@@ -64,8 +64,7 @@ class CocoDataset(Dataset):
         self.epoch = 0
         self._source = str(annotations)
 
-        data = _load_json(self.annotations_path)
-        _validate(data, self._source)
+        data = checked_coco(load_json(self.annotations_path), self._source, self.images_dir, skip_invalid)
 
         categories = sorted(data["categories"], key=lambda category: category["id"])
         self.category_ids: list[int] = [0] + [category["id"] for category in categories]
@@ -78,7 +77,8 @@ class CocoDataset(Dataset):
         self.image_ids: list[int] = [image["id"] for image in data["images"]]
         self.aspect_ratios: list[float] = [image["width"] / image["height"] for image in data["images"]]
         self._instances, self.skipped = self._select_instances(data)
-        self.coco = _build_coco(data)
+        self.coco = build_coco(data)
+        self.coco.maskrcnn_checked = True  # coco_evaluate need not check it again
 
         dropped = self.skipped["degenerate_box"] + self.skipped["empty_mask"]
         if dropped:
@@ -207,7 +207,7 @@ def segmentation_to_rle(segmentation, height: int, width: int) -> dict:
     return {"size": list(segmentation["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 
 
-def _load_json(path: Path) -> dict:
+def load_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as file:
             return json.load(file)
@@ -221,95 +221,8 @@ def _load_json(path: Path) -> dict:
         raise MaskRCNNError(f"{path}: cannot read annotation file: {error.strerror or error}") from None
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _validate(data, source: str) -> None:
-    """Check the structure the dataset relies on; pixel-level checks happen when masks are rasterized."""
-    if not isinstance(data, dict):
-        raise MaskRCNNError(f"{source}: top level must be a JSON object with 'images', 'annotations', 'categories'")
-    for key in _TOP_LEVEL_KEYS:
-        if key not in data:
-            raise MaskRCNNError(f"{source}: missing top-level key '{key}'")
-        if not isinstance(data[key], list):
-            raise MaskRCNNError(f"{source}: '{key}' must be a list")
-    if not data["images"]:
-        raise MaskRCNNError(f"{source}: no images")
-    if not data["categories"]:
-        raise MaskRCNNError(f"{source}: no categories")
-
-    category_ids = set()
-    for index, category in enumerate(data["categories"]):
-        if not isinstance(category, dict) or "id" not in category:
-            raise MaskRCNNError(f"{source}: category at index {index}: missing field 'id'")
-        if category["id"] in category_ids:
-            raise MaskRCNNError(f"{source}: category id {category['id']} appears twice")
-        category_ids.add(category["id"])
-
-    images = {}
-    for index, image in enumerate(data["images"]):
-        name = f"image {image['id']}" if isinstance(image, dict) and "id" in image else f"image at index {index}"
-        if not isinstance(image, dict):
-            raise MaskRCNNError(f"{source}: {name}: must be a JSON object")
-        for field in _IMAGE_FIELDS:
-            if field not in image:
-                raise MaskRCNNError(f"{source}: {name}: missing field '{field}'")
-        for field in ("width", "height"):
-            if not _is_positive_int(image[field]):
-                raise MaskRCNNError(f"{source}: {name}: '{field}' must be a positive integer, got {image[field]!r}")
-        if image["id"] in images:
-            raise MaskRCNNError(f"{source}: image id {image['id']} appears twice")
-        images[image["id"]] = image
-
-    annotation_ids = set()
-    for index, annotation in enumerate(data["annotations"]):
-        if not isinstance(annotation, dict):
-            raise MaskRCNNError(f"{source}: annotation at index {index}: must be a JSON object")
-        if "id" not in annotation:
-            raise MaskRCNNError(f"{source}: annotation at index {index}: missing field 'id'")
-        name = f"annotation {annotation['id']}"
-        if annotation["id"] in annotation_ids:
-            raise MaskRCNNError(f"{source}: annotation id {annotation['id']} appears twice")
-        annotation_ids.add(annotation["id"])
-        for field in _ANNOTATION_FIELDS:
-            if field not in annotation:
-                raise MaskRCNNError(f"{source}: {name}: missing field '{field}'")
-        bbox = annotation["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            raise MaskRCNNError(f"{source}: {name}: 'bbox' must be 4 numbers [x, y, width, height], got {bbox!r}")
-        if annotation["category_id"] not in category_ids:
-            raise MaskRCNNError(f"{source}: {name} has category_id {annotation['category_id']!r} "
-                                f"which is not in 'categories'")
-        image = images.get(annotation["image_id"])
-        if image is None:
-            raise MaskRCNNError(f"{source}: {name} has image_id {annotation['image_id']!r} which is not in 'images'")
-        _validate_segmentation(annotation["segmentation"], image, f"{source}: {name}")
-
-
-def _validate_segmentation(segmentation, image: dict, where: str) -> None:
-    if isinstance(segmentation, list):
-        for polygon in segmentation:
-            if not isinstance(polygon, list) or len(polygon) % 2:
-                raise MaskRCNNError(f"{where}: 'segmentation' polygons must be flat lists of x, y pairs")
-        return
-    if isinstance(segmentation, dict):
-        if "counts" not in segmentation or "size" not in segmentation:
-            raise MaskRCNNError(f"{where}: RLE 'segmentation' needs 'counts' and 'size'")
-        if not isinstance(segmentation["size"], list) or segmentation["size"] != [image["height"], image["width"]]:
-            raise MaskRCNNError(f"{where}: RLE size {segmentation['size']} does not match image "
-                                f"{image['id']} height x width [{image['height']}, {image['width']}]")
-        if not isinstance(segmentation["counts"], (str, list)):
-            raise MaskRCNNError(f"{where}: RLE 'counts' must be a string or a list of run lengths")
-        return
-    raise MaskRCNNError(f"{where}: 'segmentation' must be a list of polygons or an RLE object")
-
-
-def _build_coco(data: dict) -> COCO:
+def build_coco(data: dict) -> COCO:
+    """A pycocotools COCO index of already-checked data (see maskrcnn/data/validate.py)."""
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter

@@ -68,6 +68,50 @@ def _check_size(path: Path, size: tuple[int, int], max_pixels: int | None) -> No
                             "Predictor(max_pixels=...))")
 
 
+# Formats whose files end with a fixed marker: a file without it was cut short (caught without decoding).
+_END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND"}
+_TAIL_BYTES = 4096  # room for data some cameras and tools append after the end marker
+
+
+def read_image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image file as read_image returns it (after EXIF rotation), from the header.
+
+    No pixels are decoded. JPEG and PNG files must also end with their end marker, so a file cut short
+    is caught here rather than when it is first read; other damage to the pixel data is not. A PNG whose
+    EXIF block comes after its pixels (rare) is not rotated here (Pillow finds it only by decoding)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as pil_image:
+            width, height = pil_image.size
+            orientation = _header_orientation(pil_image)
+            marker = _END_MARKERS.get(pil_image.format)
+    except FileNotFoundError:
+        raise MaskRCNNError(f"{path}: image file not found") from None
+    except MemoryError:
+        raise
+    except Exception as error:  # Pillow's parsers raise many kinds on damaged headers; all mean "unreadable"
+        raise MaskRCNNError(f"{path}: cannot read image header: {type(error).__name__}: {error}") from None
+    if marker is not None:
+        with open(path, "rb") as file:
+            file.seek(0, 2)
+            file.seek(max(0, file.tell() - _TAIL_BYTES))
+            if marker not in file.read():
+                raise MaskRCNNError(f"{path}: image file is truncated (it does not end with the "
+                                    f"{pil_image.format} end marker)")
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _header_orientation(pil_image: Image.Image) -> int:
+    if pil_image.format == "PNG":  # Pillow's PNG getexif() decodes the whole file when the header has no EXIF
+        raw = pil_image.info.get("exif")
+        if not raw:
+            return 1
+        exif = Image.Exif()
+        exif.load(raw)
+        return exif.get(_EXIF_ORIENTATION_TAG, 1)
+    return pil_image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+
+
 def pil_to_rgb_array(pil_image: Image.Image) -> np.ndarray:
     """Convert a PIL image of any mode to HxWx3, keeping 16-bit grayscale values as uint16."""
     mode = pil_image.mode

@@ -49,19 +49,26 @@ def _quiet(verbose: bool):
 
 
 def load_coco_gt(coco_gt, verbose: bool = False) -> COCO:
-    """Accept a COCO object or a json path, and fill fields COCOeval needs but hand-made files may lack."""
+    """Accept a COCO object or a json path, and fill fields COCOeval needs but hand-made files may lack.
+
+    The annotations are checked first (maskrcnn/data/validate.py): pycocotools reads e.g. a 4-number
+    polygon as a box and fails, and rasterizes NaN or huge coordinates without bound."""
+    from ..data.coco import build_coco, load_json
+    from ..data.validate import checked_coco
+
     if not isinstance(coco_gt, COCO):
         path = Path(coco_gt)
-        try:
-            with _quiet(verbose):
-                coco_gt = COCO(str(path))
-        except FileNotFoundError:
-            raise MaskRCNNError(f"{path}: annotation file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise MaskRCNNError(f"{path}: not a valid COCO json ({error})") from None
-        except (KeyError, TypeError, AssertionError) as error:
-            raise MaskRCNNError(f"{path}: not a COCO annotation file ({type(error).__name__}: {error})") from None
+        with _quiet(verbose):
+            coco_gt = build_coco(checked_coco(load_json(path), str(path), images_dir=None))
+    elif not getattr(coco_gt, "maskrcnn_checked", False):
+        checked_coco(coco_gt.dataset, "the ground-truth COCO object", images_dir=None)
+    coco_gt.maskrcnn_checked = True
     for annotation in coco_gt.anns.values():
+        if annotation.get("segmentation") == []:
+            # No polygon: an empty mask, which pycocotools fails on (IndexError) as an empty list.
+            image = coco_gt.imgs[annotation["image_id"]]
+            annotation["segmentation"] = {"size": [image["height"], image["width"]],
+                                          "counts": [image["height"] * image["width"]]}
         # COCOeval indexes `iscrowd` and `area` directly and raises KeyError without them.
         annotation.setdefault("iscrowd", 0)
         if "area" not in annotation:

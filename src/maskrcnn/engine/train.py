@@ -70,6 +70,7 @@ class TrainConfig:
     val_annotations: str | None = None
     val_images: str | None = None
     out: str = "runs/train"                    # RUN_DIR: checkpoints, metrics.jsonl, curves.png, config.yaml
+    skip_invalid: bool = False                 # leave out images/annotations with problems instead of stopping
     # model
     arch: str = "resnet18_fpn"                 # ignored when `init` is given (the checkpoint has its own)
     scratch_model: dict = field(default_factory=lambda: {  # ModelConfig overrides for training from scratch
@@ -537,7 +538,7 @@ class _Trainer:
         from ..data.augment import AspectRatioGroupedBatches
 
         c = self.config
-        self.dataset = _open_dataset(c.train_annotations, c.train_images, "training",
+        self.dataset = _open_dataset(c.train_annotations, c.train_images, "training", skip_invalid=c.skip_invalid,
                                      transforms=training_transforms(c), augment_seed=derive_seed(c.seed, _AUGMENT))
         if len(self.dataset) == 0:
             raise MaskRCNNError(f"{c.train_annotations}: the training set has no images")
@@ -553,7 +554,8 @@ class _Trainer:
         self.total_iters = c.iters if c.iters is not None else c.epochs * self.iters_per_epoch
         self.val_dataset = None
         if c.val_annotations and self.main:
-            self.val_dataset = _open_dataset(c.val_annotations, c.val_images, "validation")
+            self.val_dataset = _open_dataset(c.val_annotations, c.val_images, "validation",
+                                             skip_invalid=c.skip_invalid)
             if self.val_dataset.category_ids != self.dataset.category_ids:
                 raise MaskRCNNError(f"{c.val_annotations}: categories differ from the training set's "
                                     f"({c.train_annotations})")
