@@ -91,15 +91,17 @@ class ExportedModel:
     def __call__(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         return self.predict(images)
 
-    def predict(self, images: list[torch.Tensor], masks: str = "image") -> list[dict]:
+    def predict(self, images: list[torch.Tensor], masks: str = "image",
+                mask_threshold: float | None = None) -> list[dict]:
         """As `MaskRCNN.predict`, masks="crops" included (its arrays as tensors, the crops a list)."""
         if self.precision != "fp32":
             raise MaskRCNNError(f"{self.source}: exported models run in fp32 only, not {self.precision}")
-        outputs = [self.detect(image.detach().cpu().numpy(), masks) for image in images]
+        outputs = [self.detect(image.detach().cpu().numpy(), masks, mask_threshold) for image in images]
         return [{k: [torch.from_numpy(c) for c in v] if isinstance(v, list) else torch.as_tensor(v)
                  for k, v in out.items()} for out in outputs]
 
-    def detect(self, image: np.ndarray, masks: str = "image") -> dict[str, np.ndarray]:
+    def detect(self, image: np.ndarray, masks: str = "image",
+               mask_threshold: float | None = None) -> dict[str, np.ndarray]:
         """One (3, H, W) float image in [0, 1] -> boxes, labels, scores, masks (N, 1, H, W) in its pixels;
         masks="crops": mask_crops, mask_offsets and image_size instead of masks (see `MaskRCNN.predict`)."""
         if masks not in ("image", "crops"):
@@ -114,7 +116,8 @@ class ExportedModel:
         boxes = rescale_boxes(boxes, size, (height, width))
         out = {"boxes": boxes, "labels": labels.astype(np.int64), "scores": scores}
         if masks == "crops":
-            crops, offsets = paste_masks_in_crops(mask_probs, boxes, (height, width), mode=self.config.mask_paste)
+            crops, offsets = paste_masks_in_crops(mask_probs, boxes, (height, width), mode=self.config.mask_paste,
+                                                  threshold=mask_threshold)
             return {**out, "mask_crops": crops, "mask_offsets": offsets, "image_size": np.array([height, width])}
         return {**out, "masks": paste_masks(mask_probs, boxes, (height, width), mode=self.config.mask_paste)[:, None]}
 
@@ -243,10 +246,11 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int
 
 
 def paste_masks_in_crops(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int], padding: int = 1,
-                         mode: str = "torchvision") -> tuple[list[np.ndarray], np.ndarray]:
+                         mode: str = "torchvision",
+                         threshold: float | None = None) -> tuple[list[np.ndarray], np.ndarray]:
     """postprocess.paste_masks_in_crops in numpy: per mask, the part of its canvas that can be non-zero, as
-    ([(h_i, w_i) float32 crops], (N, 2) int64 (y, x) offsets), pasting one canvas at a time with the same
-    arithmetic as `paste_masks` (so the values are the same bit for bit)."""
+    ([(h_i, w_i) float32 crops, or bool with a `threshold`], (N, 2) int64 (y, x) offsets), pasting one
+    canvas at a time with the same arithmetic as `paste_masks` (so the values are the same bit for bit)."""
     if mode not in MASK_PASTE_MODES:
         raise ValueError(f"unknown mask paste mode {mode!r}; choose one of {MASK_PASTE_MODES}")
     height, width = image_size
@@ -259,14 +263,17 @@ def paste_masks_in_crops(masks: np.ndarray, boxes: np.ndarray, image_size: tuple
     else:
         x0, y0, x1, y1 = paste_bounds(boxes, m, padding).T
         bounds = crop_bounds(y0, y1, height, False), crop_bounds(x0, x1, width, False)
+    if threshold is not None and threshold <= 0:  # the zeros outside the crops pass it too
+        bounds = [(0, height)] * len(masks), [(0, width)] * len(masks)
     crops = []
     for i, ((top, bottom), (left, right)) in enumerate(zip(*bounds)):
         if bottom <= top or right <= left:
             crops.append(np.zeros((max(bottom - top, 0), max(right - left, 0)), dtype=np.float32))
             continue
         canvas = paste_masks(masks[i:i + 1], boxes[i:i + 1], image_size, padding, mode)[0]
-        crops.append(canvas[top:bottom, left:right].copy())
-        del canvas
+        crop = canvas[top:bottom, left:right]
+        crops.append(crop.copy() if threshold is None else crop >= threshold)
+        del canvas, crop
     offsets = np.array([[top, left] for (top, _), (left, _) in zip(*bounds)], dtype=np.int64)
     return crops, offsets
 

@@ -101,7 +101,8 @@ class Detections:
         probabilities, or `mask_crops` + `mask_offsets` + `image_size` (the compact output of
         `MaskRCNN.predict(images, masks="crops")`: probabilities in crops, 0 outside).
 
-        A pixel belongs to a mask when its probability is at least `mask_threshold`. Detections are re-sorted
+        A pixel belongs to a mask when its probability is at least `mask_threshold` (masks or crops that are
+        boolean already are taken as they are). Detections are re-sorted
         by descending score (stable), so the convention holds whatever the model's order. `image_size` is only
         needed when the output has no masks (a box-only model).
         """
@@ -109,9 +110,12 @@ class Detections:
         order = np.argsort(-scores.astype(np.float64).reshape(-1), kind="stable")
         if output.get("mask_crops") is not None:
             size = tuple(int(s) for s in _numpy(output["image_size"]).tolist())
-            probabilities = [_numpy(output["mask_crops"][i]) for i in order.tolist()]
-            masks = MaskCrops.from_probabilities(probabilities, _numpy(output["mask_offsets"])[order], size,
-                                                 mask_threshold)
+            crops = [_numpy(output["mask_crops"][i]) for i in order.tolist()]
+            offsets = _numpy(output["mask_offsets"])[order]
+            if all(c.dtype == np.bool_ for c in crops):
+                masks = MaskCrops(crops, offsets, size)
+            else:
+                masks = MaskCrops.from_probabilities(crops, offsets, size, mask_threshold)
         elif output.get("masks") is not None:
             probabilities = _numpy(output["masks"])
             if probabilities.ndim == 4:

@@ -188,11 +188,13 @@ class MaskRCNN(nn.Module):
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
     @torch.no_grad()
-    def predict(self, images: list[torch.Tensor], masks: str = "image") -> list[dict]:
+    def predict(self, images: list[torch.Tensor], masks: str = "image",
+                mask_threshold: float | None = None) -> list[dict]:
         """What eval-mode `forward` returns. masks="crops" pastes each mask only into the part of the image it
         can cover: instead of `masks` (N, 1, H, W), `mask_crops` (a list of N (h_i, w_i) probability tensors,
         0 outside them), `mask_offsets` (N, 2) int64 (row, column of each crop's top-left pixel) and
-        `image_size` (H, W); the same values, for the crops' memory instead of N x H x W floats."""
+        `image_size` (H, W); the same values, for the crops' memory instead of N x H x W floats. With a
+        `mask_threshold` the crops are boolean (probability >= threshold) as soon as each is pasted."""
         if masks not in self.MASK_OUTPUTS:
             raise ValueError(f"masks must be one of {self.MASK_OUTPUTS}, got {masks!r}")
         original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
@@ -212,7 +214,8 @@ class MaskRCNN(nn.Module):
                 pooled_from = [f.float() for f in pooled_from]
             detections = self.detect_boxes(pooled_from, proposals, sizes, exact=not reduced)
             self.predict_masks(pooled_from, detections, sizes, exact=not reduced)
-        return [self.to_input_pixels(d, size, orig, masks) for d, size, orig in zip(detections, sizes, original_sizes)]
+        return [self.to_input_pixels(d, size, orig, masks, mask_threshold)
+                for d, size, orig in zip(detections, sizes, original_sizes)]
 
     def detect_boxes(self, features: list[torch.Tensor], proposals: list[torch.Tensor],
                      sizes: list[tuple[int, int]], exact: bool = True) -> list[dict[str, torch.Tensor]]:
@@ -248,10 +251,11 @@ class MaskRCNN(nn.Module):
             d["mask_probs"] = p
 
     def to_input_pixels(self, det: dict, size: tuple[int, int], original: tuple[int, int],
-                        masks: str = "image") -> dict:
+                        masks: str = "image", mask_threshold: float | None = None) -> dict:
         boxes = rescale_boxes(det["boxes"], size, original)
         out = {"boxes": boxes, "labels": det["labels"], "scores": det["scores"]}
         if masks == "crops":
-            crops, offsets = paste_masks_in_crops(det["mask_probs"], boxes, original, mode=self.config.mask_paste)
+            crops, offsets = paste_masks_in_crops(det["mask_probs"], boxes, original, mode=self.config.mask_paste,
+                                                  threshold=mask_threshold)
             return {**out, "mask_crops": crops, "mask_offsets": offsets, "image_size": original}
         return {**out, "masks": paste_masks(det["mask_probs"], boxes, original, mode=self.config.mask_paste)[:, None]}

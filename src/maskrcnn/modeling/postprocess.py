@@ -70,10 +70,13 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int,
 
 
 def paste_masks_in_crops(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int],
-                         padding: int = 1, mode: str = "torchvision") -> tuple[list[torch.Tensor], torch.Tensor]:
+                         padding: int = 1, mode: str = "torchvision",
+                         threshold: float | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """`paste_masks` without keeping the image-sized canvases: for each mask only the part of the image where
     its pasted values can be non-zero, as ([(h_i, w_i) tensors], (N, 2) int64 (y, x) offsets of their
     top-left pixels, on the CPU). Memory is one canvas at a time plus the crops, instead of N canvases.
+    With a `threshold`, the crops are boolean masks (value >= threshold) rather than probabilities; a
+    threshold <= 0, which the zeros outside pass, makes every crop the whole image.
 
     Each mask is pasted with exactly the matmuls `paste_masks` runs for it (one (H, 30) @ (30, 30) @ (30, W)
     slice of its batch), so every value is the same bit for bit: matmuls restricted to the crop's rows and
@@ -87,14 +90,17 @@ def paste_masks_in_crops(masks: torch.Tensor, boxes: torch.Tensor, image_size: t
     spans = _paste_spans(boxes, m, padding, mode)
     bounds = [crop_bounds(spans[2 * axis], spans[2 * axis + 1], size, mode == "exact")
               for axis, size in ((1, height), (0, width))]
+    if threshold is not None and threshold <= 0:
+        bounds = [[(0, height)] * n, [(0, width)] * n]
     crops = []
     for i, ((top, bottom), (left, right)) in enumerate(zip(*bounds)):
         if bottom <= top or right <= left:
             crops.append(masks.new_zeros((max(bottom - top, 0), max(right - left, 0))))
             continue
         canvas = paste_masks(masks[i:i + 1], boxes[i:i + 1], image_size, padding, mode)[0]
-        crops.append(canvas[top:bottom, left:right].clone())
-        del canvas
+        crop = canvas[top:bottom, left:right]
+        crops.append(crop.clone() if threshold is None else crop >= threshold)
+        del canvas, crop
     offsets = torch.tensor([[top, left] for (top, _), (left, _) in zip(*bounds)], dtype=torch.int64)
     return crops, offsets
 
