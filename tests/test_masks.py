@@ -185,3 +185,37 @@ def test_memory_follows_the_objects_not_image_size_times_detections(val_images):
     n_h_w = 100 * 4000 * 3000
     assert result["crop_area"] < n_h_w / 5
     assert result["peak"] - result["before"] < n_h_w / 2, result
+
+
+@pytest.mark.parametrize("mode", ["torchvision", "exact"])
+def test_evaluation_encodes_from_crops_what_it_encoded_from_full_masks(val_images, one_thread, mode):
+    """predict_dataset asks our model for thresholded crops; the COCO results (RLEs included) are those of
+    the full (N, 1, H, W) output it used to threshold with `p > mask_threshold`."""
+    from maskrcnn.engine.evaluate import predict_dataset
+
+    class Images:
+        image_ids = [1, 2, 3]
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return read_rgb(val_images[i]), {"image_id": i + 1}
+
+    class FullOutput(torch.nn.Module):  # not a MaskRCNN: called as it is, so it pastes full masks
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, images):
+            return self.model(images)
+
+    model = tiny_model(mask_paste=mode)
+    model.config.score_thresh = 0.05
+    for threshold in (0.5, 0.0):
+        compact = predict_dataset(model, Images(), category_ids=model.category_ids, mask_threshold=threshold,
+                                  progress=False)
+        full = predict_dataset(FullOutput(model), Images(), category_ids=model.category_ids,
+                               mask_threshold=threshold, progress=False)
+        assert len(compact) > 30 and not compact.failures
+        assert list(compact) == list(full)
