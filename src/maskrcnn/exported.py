@@ -21,7 +21,7 @@ import torch
 
 from .errors import MaskRCNNError
 from .modeling.model import ModelConfig
-from .modeling.postprocess import MASK_PASTE_MODES, crop_bounds
+from .modeling.postprocess import MASK_PASTE_MODES, crop_bounds, cut_crops
 
 METADATA_KEY = "maskrcnn"            # ONNX metadata_props key and TorchScript extra file name
 METADATA_FORMAT = "maskrcnn.export.v1"
@@ -263,19 +263,10 @@ def paste_masks_in_crops(masks: np.ndarray, boxes: np.ndarray, image_size: tuple
     else:
         x0, y0, x1, y1 = paste_bounds(boxes, m, padding).T
         bounds = crop_bounds(y0, y1, height, False), crop_bounds(x0, x1, width, False)
-    if threshold is not None and threshold <= 0:  # the zeros outside the crops pass it too
-        bounds = [(0, height)] * len(masks), [(0, width)] * len(masks)
-    crops = []
-    for i, ((top, bottom), (left, right)) in enumerate(zip(*bounds)):
-        if bottom <= top or right <= left:
-            crops.append(np.zeros((max(bottom - top, 0), max(right - left, 0)), dtype=np.float32))
-            continue
-        canvas = paste_masks(masks[i:i + 1], boxes[i:i + 1], image_size, padding, mode)[0]
-        crop = canvas[top:bottom, left:right]
-        crops.append(crop.copy() if threshold is None else crop >= threshold)
-        del canvas, crop
-    offsets = np.array([[top, left] for (top, _), (left, _) in zip(*bounds)], dtype=np.int64)
-    return crops, offsets
+    crops, offsets = cut_crops(lambda i: paste_masks(masks[i:i + 1], boxes[i:i + 1], image_size, padding, mode)[0],
+                               bounds, image_size, threshold,
+                               lambda shape, as_bool: np.zeros(shape, dtype=bool if as_bool else np.float32))
+    return crops, np.array(offsets, dtype=np.int64).reshape(-1, 2)
 
 
 def _exact_spans(boxes: np.ndarray, m: int, padding: int) -> tuple[np.ndarray, ...]:

@@ -90,19 +90,32 @@ def paste_masks_in_crops(masks: torch.Tensor, boxes: torch.Tensor, image_size: t
     spans = _paste_spans(boxes, m, padding, mode)
     bounds = [crop_bounds(spans[2 * axis], spans[2 * axis + 1], size, mode == "exact")
               for axis, size in ((1, height), (0, width))]
-    if threshold is not None and threshold <= 0:
-        bounds = [[(0, height)] * n, [(0, width)] * n]
+    crops, offsets = cut_crops(lambda i: paste_masks(masks[i:i + 1], boxes[i:i + 1], image_size, padding, mode)[0],
+                               bounds, image_size, threshold,
+                               lambda shape, as_bool: masks.new_zeros(shape, dtype=torch.bool if as_bool else None))
+    return crops, torch.tensor(offsets, dtype=torch.int64).reshape(-1, 2)
+
+
+def cut_crops(paste_one, bounds, image_size: tuple[int, int], threshold: float | None, zeros) -> tuple[list, list]:
+    """The crop loop of both pastes (torch here, numpy in maskrcnn.exported): `paste_one(i)` is mask i's
+    (H, W) canvas, `bounds` its (rows, columns) from `crop_bounds`, `zeros(shape, as_bool)` an empty crop.
+    One canvas lives at a time. Returns (crops, [[top, left], ...])."""
+    height, width = image_size
+    n = len(bounds[0])
+    if threshold is not None and threshold <= 0:  # the zeros outside the crops pass it too: whole image
+        bounds = [(0, height)] * n, [(0, width)] * n
     crops = []
     for i, ((top, bottom), (left, right)) in enumerate(zip(*bounds)):
         if bottom <= top or right <= left:
-            crops.append(masks.new_zeros((max(bottom - top, 0), max(right - left, 0))))
+            crops.append(zeros((max(bottom - top, 0), max(right - left, 0)), threshold is not None))
             continue
-        canvas = paste_masks(masks[i:i + 1], boxes[i:i + 1], image_size, padding, mode)[0]
-        crop = canvas[top:bottom, left:right]
-        crops.append(crop.clone() if threshold is None else crop >= threshold)
-        del canvas, crop
-    offsets = torch.tensor([[top, left] for (top, _), (left, _) in zip(*bounds)], dtype=torch.int64)
-    return crops, offsets
+        crop = paste_one(i)[top:bottom, left:right]
+        if threshold is not None:
+            crops.append(crop >= threshold)
+        else:
+            crops.append(crop.clone() if isinstance(crop, torch.Tensor) else crop.copy())
+        del crop  # frees the canvas before the next one is made
+    return crops, [[top, left] for (top, _), (left, _) in zip(*bounds)]
 
 
 def _paste_spans(boxes: torch.Tensor, m: int, padding: int, mode: str) -> tuple[torch.Tensor, ...]:
