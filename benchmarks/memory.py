@@ -47,7 +47,8 @@ else:
                  "--max-detections", "100", "--device", "cpu", "--semantic", "--no-progress"])
     assert code == 0, code
     import glob
-    found = sum(open(f).read().count('"segmentation"') for f in glob.glob(out + "/predictions.json*"))
+    files = glob.glob(out + "/predictions.jsonl") or glob.glob(out + "/predictions.json")
+    found = open(files[0]).read().count('"segmentation"')
 print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "detections": found}))
 """
 
