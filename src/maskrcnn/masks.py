@@ -4,7 +4,7 @@ objects' own areas as crops; the full (H, W) masks are made one at a time, and o
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils

@@ -103,7 +103,8 @@ def paint_order(scores: np.ndarray) -> np.ndarray:
 
 def topmost_instance(masks, scores: np.ndarray) -> np.ndarray:
     """(H, W) int32 index of the detection seen at each pixel (highest score among overlapping masks), -1 where
-    none; `masks` (N, H, W) or a `MaskCrops`. Shared by the pictures and the semantic/instance maps so they always agree about overlaps."""
+    none; `masks` (N, H, W) or a `MaskCrops`. Shared by the pictures and the semantic/instance maps so they
+    always agree about overlaps."""
     return MaskCrops.coerce(masks).paint(paint_order(scores))
 
 
@@ -153,7 +154,7 @@ def _check_inputs(image, boxes, labels, scores, masks):
         raise ValueError(f"expected {n} labels (one per box), got shape {labels.shape}")
     if scores is not None and scores.shape != (n,):
         raise ValueError(f"expected {n} scores (one per box), got shape {scores.shape}")
-    shape = None if masks is None else (len(masks), *masks.image_size)
+    shape = getattr(masks, "shape", None) if not isinstance(masks, MaskCrops) else (len(masks), *masks.image_size)
     if masks is not None and shape != (n, *image.shape[:2]):
         raise ValueError(f"masks must have shape (N, H, W) = {(n, *image.shape[:2])} to match the boxes and "
                          f"the image, got {shape}")
@@ -164,9 +165,10 @@ def draw_detections(image: np.ndarray, boxes, labels, scores=None, masks=None, c
     """Detections drawn onto a copy of `image`; returns (H, W, 3) uint8 RGB.
 
     Masks are tinted with `alpha` opacity and outlined, boxes outlined, and each detection tagged
-    "name 0.93". `masks`: (N, H, W) or a `MaskCrops`. Where masks overlap, the higher score is shown. `color_by="instance"` gives every detection
-    its own colour (best for telling touching objects apart); `"class"` colours by class (stable across
-    images and video frames). With no detections the image comes back unchanged (as uint8 RGB).
+    "name 0.93"; `masks` are (N, H, W) or a `MaskCrops`. Where masks overlap, the higher score is shown.
+    `color_by="instance"` gives every detection its own colour (best for telling touching objects apart);
+    `"class"` colours by class (stable across images and video frames). With no detections the image comes
+    back unchanged (as uint8 RGB).
     """
     if color_by not in ("instance", "class"):
         raise ValueError(f"color_by must be 'instance' or 'class', got {color_by!r}")
@@ -177,10 +179,8 @@ def draw_detections(image: np.ndarray, boxes, labels, scores=None, masks=None, c
     scores = None if scores is None else np.asarray(scores, dtype=np.float64).reshape(-1)
     if masks is not None and not isinstance(masks, MaskCrops):
         masks = np.asarray(masks, dtype=bool)
-        if masks.ndim != 3:
-            raise ValueError(f"masks must have shape (N, H, W) = {(len(boxes), *out.shape[:2])} to match the "
-                             f"boxes and the image, got {masks.shape}")
-        masks = MaskCrops.from_full(masks)
+        if masks.ndim == 3:  # else _check_inputs says what is wrong
+            masks = MaskCrops.from_full(masks)
     _check_inputs(out, boxes, labels, scores, masks)
     n = len(boxes)
     if n == 0:
