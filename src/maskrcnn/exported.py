@@ -21,7 +21,7 @@ import torch
 
 from .errors import MaskRCNNError
 from .modeling.model import ModelConfig
-from .modeling.postprocess import MASK_PASTE_MODES
+from .modeling.postprocess import MASK_PASTE_MODES, crop_bounds, cut_crops
 
 METADATA_KEY = "maskrcnn"            # ONNX metadata_props key and TorchScript extra file name
 METADATA_FORMAT = "maskrcnn.export.v1"
@@ -100,13 +100,23 @@ class ExportedModel:
         return self
 
     def __call__(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return self.predict(images)
+
+    def predict(self, images: list[torch.Tensor], masks: str = "image",
+                mask_threshold: float | None = None) -> list[dict]:
+        """As `MaskRCNN.predict`, masks="crops" included (its arrays as tensors, the crops a list)."""
         if self.precision != "fp32":
             raise MaskRCNNError(f"{self.source}: exported models run in fp32 only, not {self.precision}")
-        return [{k: torch.from_numpy(v) for k, v in self.detect(image.detach().cpu().numpy()).items()}
-                for image in images]
+        outputs = [self.detect(image.detach().cpu().numpy(), masks, mask_threshold) for image in images]
+        return [{k: [torch.from_numpy(c) for c in v] if isinstance(v, list) else torch.as_tensor(v)
+                 for k, v in out.items()} for out in outputs]
 
-    def detect(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        """One (3, H, W) float image in [0, 1] -> boxes, labels, scores, masks (N, 1, H, W) in its pixels."""
+    def detect(self, image: np.ndarray, masks: str = "image",
+               mask_threshold: float | None = None) -> dict[str, np.ndarray]:
+        """One (3, H, W) float image in [0, 1] -> boxes, labels, scores, masks (N, 1, H, W) in its pixels;
+        masks="crops": mask_crops, mask_offsets and image_size instead of masks (see `MaskRCNN.predict`)."""
+        if masks not in ("image", "crops"):
+            raise ValueError(f"masks must be 'image' or 'crops', got {masks!r}")
         if image.ndim != 3 or image.shape[0] != 3:
             raise MaskRCNNError(f"expected a (3, H, W) image, got shape {image.shape}")
         height, width = image.shape[-2:]
@@ -115,8 +125,12 @@ class ExportedModel:
             batch, np.asarray(size, dtype=np.int64), np.asarray(self.config.score_thresh, dtype=np.float32),
             np.asarray(self.config.detections_per_img, dtype=np.int64))
         boxes = rescale_boxes(boxes, size, (height, width))
-        masks = paste_masks(mask_probs, boxes, (height, width), mode=self.config.mask_paste)[:, None]
-        return {"boxes": boxes, "labels": labels.astype(np.int64), "scores": scores, "masks": masks}
+        out = {"boxes": boxes, "labels": labels.astype(np.int64), "scores": scores}
+        if masks == "crops":
+            crops, offsets = paste_masks_in_crops(mask_probs, boxes, (height, width), mode=self.config.mask_paste,
+                                                  threshold=mask_threshold)
+            return {**out, "mask_crops": crops, "mask_offsets": offsets, "image_size": np.array([height, width])}
+        return {**out, "masks": paste_masks(mask_probs, boxes, (height, width), mode=self.config.mask_paste)[:, None]}
 
     def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
         """ImageTransform in numpy: normalise, resize, zero-pad -> ((1, 3, H', W') batch, resized (h, w))."""
@@ -229,11 +243,7 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int
         return np.zeros((0, height, width), dtype=np.float32)
     padded = np.pad(masks.astype(np.float32, copy=False), ((0, 0), (padding, padding), (padding, padding)))
     if mode == "exact":
-        scale = np.float32((m + 2 * padding) / m)
-        grown_w = np.maximum(boxes[:, 2] - boxes[:, 0], np.float32(1e-3)) * scale
-        grown_h = np.maximum(boxes[:, 3] - boxes[:, 1], np.float32(1e-3)) * scale
-        x0 = (boxes[:, 2] + boxes[:, 0]) * np.float32(0.5) + np.float32(0.5) - grown_w * np.float32(0.5)
-        y0 = (boxes[:, 3] + boxes[:, 1]) * np.float32(0.5) + np.float32(0.5) - grown_h * np.float32(0.5)
+        x0, grown_w, y0, grown_h = _exact_spans(boxes, m, padding)
         rows = _exact_resize_matrix(y0, grown_h, m + 2 * padding, height)
         cols = _exact_resize_matrix(x0, grown_w, m + 2 * padding, width)
         return rows @ padded @ cols.transpose(0, 2, 1)
@@ -241,6 +251,40 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int
     rows = _resize_matrix(y0, y1, m + 2 * padding, height)
     cols = _resize_matrix(x0, x1, m + 2 * padding, width)
     return rows @ padded @ cols.transpose(0, 2, 1)
+
+
+def paste_masks_in_crops(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int], padding: int = 1,
+                         mode: str = "torchvision",
+                         threshold: float | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """postprocess.paste_masks_in_crops in numpy: per mask, the part of its canvas that can be non-zero, as
+    ([(h_i, w_i) float32 crops, or bool with a `threshold`], (N, 2) int64 (y, x) offsets), pasting one
+    canvas at a time with the same arithmetic as `paste_masks` (so the values are the same bit for bit)."""
+    if mode not in MASK_PASTE_MODES:
+        raise ValueError(f"unknown mask paste mode {mode!r}; choose one of {MASK_PASTE_MODES}")
+    height, width = image_size
+    if len(masks) == 0:
+        return [], np.zeros((0, 2), dtype=np.int64)
+    m = masks.shape[-1]
+    if mode == "exact":
+        x0, grown_w, y0, grown_h = _exact_spans(boxes, m, padding)
+        bounds = crop_bounds(y0, grown_h, height, True), crop_bounds(x0, grown_w, width, True)
+    else:
+        x0, y0, x1, y1 = paste_bounds(boxes, m, padding).T
+        bounds = crop_bounds(y0, y1, height, False), crop_bounds(x0, x1, width, False)
+    crops, offsets = cut_crops(lambda i: paste_masks(masks[i:i + 1], boxes[i:i + 1], image_size, padding, mode)[0],
+                               bounds, image_size, threshold,
+                               lambda shape, as_bool: np.zeros(shape, dtype=bool if as_bool else np.float32))
+    return crops, np.array(offsets, dtype=np.int64).reshape(-1, 2)
+
+
+def _exact_spans(boxes: np.ndarray, m: int, padding: int) -> tuple[np.ndarray, ...]:
+    """x start, x length, y start, y length of each padded mask in mode "exact" (postprocess._paste_spans)."""
+    scale = np.float32((m + 2 * padding) / m)
+    grown_w = np.maximum(boxes[:, 2] - boxes[:, 0], np.float32(1e-3)) * scale
+    grown_h = np.maximum(boxes[:, 3] - boxes[:, 1], np.float32(1e-3)) * scale
+    x0 = (boxes[:, 2] + boxes[:, 0]) * np.float32(0.5) + np.float32(0.5) - grown_w * np.float32(0.5)
+    y0 = (boxes[:, 3] + boxes[:, 1]) * np.float32(0.5) + np.float32(0.5) - grown_h * np.float32(0.5)
+    return x0, grown_w, y0, grown_h
 
 
 def _exact_resize_matrix(start: np.ndarray, length: np.ndarray, in_size: int, canvas: int) -> np.ndarray:
@@ -284,5 +328,5 @@ def _resize_matrix(start: np.ndarray, end: np.ndarray, in_size: int, canvas: int
             + ((taps == high[..., None]) * (frac * inside)[..., None])).astype(np.float32)
 
 
-__all__ = ["ExportedModel", "is_exported_file", "paste_bounds", "paste_masks", "resize_bilinear",
-           "rescale_boxes"]
+__all__ = ["ExportedModel", "is_exported_file", "paste_bounds", "paste_masks", "paste_masks_in_crops",
+           "resize_bilinear", "rescale_boxes"]

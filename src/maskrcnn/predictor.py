@@ -184,11 +184,12 @@ class Predictor:
             return []
         device = self.device
         with torch.inference_mode(), self._settings_applied():
-            outputs = self.model([t.to(device) for t in tensors])
+            # Masks pasted into their crops only: memory follows the objects, not image size x detections.
+            outputs = self.model.predict([t.to(device) for t in tensors], masks="crops",
+                                         mask_threshold=self.mask_threshold)
         return [
-            Detections.from_model_output({k: v.cpu() for k, v in out.items()}, self.model.class_names,
-                                         self.model.category_ids, mask_threshold=self.mask_threshold,
-                                         file_name=name)
+            Detections.from_model_output(out, self.model.class_names, self.model.category_ids,
+                                         mask_threshold=self.mask_threshold, file_name=name)
             for out, name in zip(outputs, names)
         ]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -13,9 +12,10 @@ from PIL.PngImagePlugin import PngInfo
 from pycocotools import mask as mask_utils
 
 from .files import atomic_path
+from .masks import MaskCrops
 from .viz import class_color, draw_detections, topmost_instance
 
-__all__ = ["Detections", "encode_rle", "mask_pixels", "save_semantic_png", "save_instance_png"]
+__all__ = ["Detections", "MaskCrops", "encode_rle", "mask_pixels", "save_semantic_png", "save_instance_png"]
 
 
 def encode_rle(masks: np.ndarray) -> list[dict]:
@@ -56,65 +56,89 @@ def _json_float(value) -> float:
     return float(str(np.float32(value)))
 
 
-@dataclass
 class Detections:
     """Everything a model found in one image, as numpy arrays, sorted by descending score by convention.
 
     `labels` index `class_names` (index 0 is "__background__"); `category_ids[label]` is the COCO category id
-    written to results files (None: the label itself). Masks are boolean at the image's own size.
+    written to results files (None: the label itself). Masks are boolean at the image's own size, but held
+    compactly (`mask_crops`, a `MaskCrops`: each mask's bounding crop and its offset), so memory follows the
+    objects, not image size x detections. `masks` makes the full (N, H, W) array when asked for (each time);
+    `mask(i)` makes one. `masks=` takes either full masks or a `MaskCrops`.
     """
 
-    boxes: np.ndarray          # (N, 4) float32, x1 y1 x2 y2 in image pixels
-    labels: np.ndarray         # (N,) int64
-    scores: np.ndarray         # (N,) float32
-    masks: np.ndarray          # (N, H, W) bool
-    class_names: list[str]
-    category_ids: list[int] | None = None
-    image_size: tuple[int, int] | None = None  # (H, W); taken from the masks when not given
-    file_name: str | None = None
-
-    def __post_init__(self):
-        self.boxes = _numpy(self.boxes).astype(np.float32, copy=False).reshape(-1, 4)
-        self.labels = _numpy(self.labels).astype(np.int64, copy=False).reshape(-1)
-        self.scores = _numpy(self.scores).astype(np.float32, copy=False).reshape(-1)
-        self.masks = _numpy(self.masks).astype(bool, copy=False)
-        self.class_names = list(self.class_names)
-        if self.category_ids is not None:
-            self.category_ids = [int(c) for c in self.category_ids]
+    def __init__(self, boxes, labels, scores, masks, class_names, category_ids=None,
+                 image_size: tuple[int, int] | None = None, file_name: str | None = None):
+        self.boxes = _numpy(boxes).astype(np.float32, copy=False).reshape(-1, 4)    # (N, 4) x1 y1 x2 y2, pixels
+        self.labels = _numpy(labels).astype(np.int64, copy=False).reshape(-1)       # (N,)
+        self.scores = _numpy(scores).astype(np.float32, copy=False).reshape(-1)     # (N,)
+        self.class_names = list(class_names)
+        self.category_ids = None if category_ids is None else [int(c) for c in category_ids]
+        self.file_name = file_name
+        if not isinstance(masks, MaskCrops):
+            masks = _numpy(masks)
+            if masks.ndim != 3:
+                raise ValueError(f"masks must have shape (N, H, W), got {masks.shape}")
+            masks = MaskCrops.from_full(masks)
+        self.mask_crops = masks
+        self.image_size = masks.image_size if image_size is None else (int(image_size[0]), int(image_size[1]))
         n = len(self.boxes)
-        if self.masks.ndim != 3:
-            raise ValueError(f"masks must have shape (N, H, W), got {self.masks.shape}")
-        if self.image_size is None:
-            self.image_size = tuple(int(s) for s in self.masks.shape[1:])
-        self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
-        if len(self.labels) != n or len(self.scores) != n or len(self.masks) != n:
+        if len(self.labels) != n or len(self.scores) != n or len(masks) != n:
             raise ValueError(f"boxes, labels, scores and masks must have the same length, got {n}, "
-                             f"{len(self.labels)}, {len(self.scores)} and {len(self.masks)}")
-        if self.masks.shape[1:] != self.image_size:
-            raise ValueError(f"masks are {self.masks.shape[1:]} but the image size is {self.image_size}")
+                             f"{len(self.labels)}, {len(self.scores)} and {len(masks)}")
+        if masks.image_size != self.image_size:
+            raise ValueError(f"masks are {masks.image_size} but the image size is {self.image_size}")
+
+    @property
+    def masks(self) -> np.ndarray:
+        """(N, H, W) bool, made from the crops on each access: N x H x W bytes (prefer `mask(i)`,
+        `mask_crops` or the methods below for large images)."""
+        return self.mask_crops.full()
+
+    @masks.setter
+    def masks(self, masks) -> None:
+        crops = MaskCrops.coerce(masks)
+        if len(crops) != len(self) or crops.image_size != self.image_size:
+            raise ValueError(f"expected {len(self)} masks of size {self.image_size}, got {len(crops)} of "
+                             f"size {crops.image_size}")
+        self.mask_crops = crops
+
+    def mask(self, i: int) -> np.ndarray:
+        """Detection i's mask at image size, (H, W) bool."""
+        return self.mask_crops.mask(range(len(self))[i])
 
     @classmethod
     def from_model_output(cls, output: dict, class_names, category_ids=None, mask_threshold: float = 0.5,
                           file_name: str | None = None, image_size: tuple[int, int] | None = None) -> Detections:
-        """From one image's model output `{boxes, labels, scores, masks (N, 1, H, W) probabilities}`.
+        """From one image's model output: `{boxes, labels, scores}` and either `masks` (N, 1, H, W)
+        probabilities, or `mask_crops` + `mask_offsets` + `image_size` (the compact output of
+        `MaskRCNN.predict(images, masks="crops")`: probabilities in crops, 0 outside).
 
-        A pixel belongs to a mask when its probability is at least `mask_threshold`. Detections are re-sorted
+        A pixel belongs to a mask when its probability is at least `mask_threshold` (masks or crops that are
+        boolean already are taken as they are). Detections are re-sorted
         by descending score (stable), so the convention holds whatever the model's order. `image_size` is only
         needed when the output has no masks (a box-only model).
         """
         boxes, labels, scores = (_numpy(output[key]) for key in ("boxes", "labels", "scores"))
-        if "masks" in output and output["masks"] is not None:
+        order = np.argsort(-scores.astype(np.float64).reshape(-1), kind="stable")
+        if output.get("mask_crops") is not None:
+            size = tuple(int(s) for s in _numpy(output["image_size"]).tolist())
+            crops = [_numpy(output["mask_crops"][i]) for i in order.tolist()]
+            offsets = _numpy(output["mask_offsets"])[order]
+            if all(c.dtype == np.bool_ for c in crops):
+                masks = MaskCrops(crops, offsets, size)
+            else:
+                masks = MaskCrops.from_probabilities(crops, offsets, size, mask_threshold)
+        elif output.get("masks") is not None:
             probabilities = _numpy(output["masks"])
             if probabilities.ndim == 4:
                 probabilities = probabilities[:, 0]
-            masks = mask_pixels(probabilities, mask_threshold)
+            masks = mask_pixels(probabilities, mask_threshold)[order]
         elif image_size is not None:
-            masks = np.zeros((len(boxes), *image_size), dtype=bool)
+            masks = MaskCrops([np.zeros((0, 0), dtype=bool)] * len(order), np.zeros((len(order), 2)), image_size)
         else:
             raise ValueError("the model output has no masks, so image_size=(H, W) must be given")
-        order = np.argsort(-scores.astype(np.float64).reshape(-1), kind="stable")
         return cls(boxes=boxes.reshape(-1, 4)[order], labels=labels.reshape(-1)[order],
-                   scores=scores.reshape(-1)[order], masks=masks[order], class_names=class_names,
+                   scores=scores.reshape(-1)[order], masks=masks, class_names=class_names,
                    category_ids=category_ids, image_size=image_size, file_name=file_name)
 
     def __len__(self) -> int:
@@ -148,8 +172,8 @@ class Detections:
                 index = index.astype(np.int64)  # np.asarray([]) is float, which cannot index
             if index.dtype == np.bool_ and index.shape != (len(self),):
                 raise IndexError(f"boolean index of shape {index.shape} for {len(self)} detections")
-        return replace(self, boxes=self.boxes[index], labels=self.labels[index], scores=self.scores[index],
-                       masks=self.masks[index])
+        return Detections(self.boxes[index], self.labels[index], self.scores[index], self.mask_crops[index],
+                          self.class_names, self.category_ids, self.image_size, self.file_name)
 
     def filter(self, score_thresh: float) -> Detections:
         """Only the detections scoring at least `score_thresh`."""
@@ -160,7 +184,7 @@ class Detections:
         pictures). uint8 while class ids fit, else uint16."""
         top_label = max(len(self.class_names) - 1, int(self.labels.max(initial=0)))
         dtype = np.uint8 if top_label < 256 else np.uint16
-        owner = topmost_instance(self.masks, self.scores)
+        owner = topmost_instance(self.mask_crops, self.scores)
         lookup = np.concatenate([[0], self.labels]).astype(dtype)  # owner -1 (nothing) -> 0
         return lookup[owner + 1]
 
@@ -168,7 +192,7 @@ class Detections:
         """(H, W) uint16: 0 background, i + 1 where detection i is seen (higher score wins overlaps)."""
         if len(self) > np.iinfo(np.uint16).max:
             raise ValueError(f"{len(self)} detections do not fit a 16-bit instance map")
-        return (topmost_instance(self.masks, self.scores) + 1).astype(np.uint16)
+        return (topmost_instance(self.mask_crops, self.scores) + 1).astype(np.uint16)
 
     def counts(self) -> dict[str, int]:
         """Detections per class name, most frequent first (ties by name), only classes present."""
@@ -178,7 +202,7 @@ class Detections:
     def to_coco(self, image_id: int | None = None) -> list[dict]:
         """COCO results entries (one per detection), JSON-ready: plain Python numbers, bbox as [x, y, w, h],
         segmentation as RLE with str counts."""
-        rles = encode_rle(self.masks)
+        rles = self.mask_crops.to_rle()
         entries = []
         for i, (label, rle) in enumerate(zip(self.labels.tolist(), rles)):
             x1, y1, x2, y2 = (_json_float(v) for v in self.boxes[i])
@@ -197,7 +221,7 @@ class Detections:
 
     def draw(self, image: np.ndarray, **options) -> np.ndarray:
         """This image's picture; see `viz.draw_detections` for the options (alpha, show_legend, color_by)."""
-        return draw_detections(image, self.boxes, self.labels, self.scores, self.masks, self.class_names,
+        return draw_detections(image, self.boxes, self.labels, self.scores, self.mask_crops, self.class_names,
                                **options)
 
 

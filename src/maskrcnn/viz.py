@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .files import atomic_path
+from .masks import MaskCrops
 
 __all__ = ["class_color", "instance_colors", "draw_detections", "save_png", "to_display_uint8", "paint_order",
            "topmost_instance"]
@@ -99,14 +100,11 @@ def paint_order(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-scores, kind="stable")[::-1]
 
 
-def topmost_instance(masks: np.ndarray, scores: np.ndarray) -> np.ndarray:
+def topmost_instance(masks, scores: np.ndarray) -> np.ndarray:
     """(H, W) int32 index of the detection seen at each pixel (highest score among overlapping masks), -1 where
-    none. Shared by the pictures and the semantic/instance maps so they always agree about overlaps."""
-    masks = np.asarray(masks, dtype=bool)
-    owner = np.full(masks.shape[1:], -1, dtype=np.int32)
-    for i in paint_order(scores):
-        owner[masks[i]] = i
-    return owner
+    none; `masks` (N, H, W) or a `MaskCrops`. Shared by the pictures and the semantic/instance maps so they
+    always agree about overlaps."""
+    return MaskCrops.coerce(masks).paint(paint_order(scores))
 
 
 @functools.lru_cache(maxsize=16)
@@ -155,9 +153,10 @@ def _check_inputs(image, boxes, labels, scores, masks):
         raise ValueError(f"expected {n} labels (one per box), got shape {labels.shape}")
     if scores is not None and scores.shape != (n,):
         raise ValueError(f"expected {n} scores (one per box), got shape {scores.shape}")
-    if masks is not None and masks.shape != (n, *image.shape[:2]):
+    shape = getattr(masks, "shape", None) if not isinstance(masks, MaskCrops) else (len(masks), *masks.image_size)
+    if masks is not None and shape != (n, *image.shape[:2]):
         raise ValueError(f"masks must have shape (N, H, W) = {(n, *image.shape[:2])} to match the boxes and "
-                         f"the image, got {masks.shape}")
+                         f"the image, got {shape}")
 
 
 def draw_detections(image: np.ndarray, boxes, labels, scores=None, masks=None, class_names=None, *,
@@ -165,9 +164,10 @@ def draw_detections(image: np.ndarray, boxes, labels, scores=None, masks=None, c
     """Detections drawn onto a copy of `image`; returns (H, W, 3) uint8 RGB.
 
     Masks are tinted with `alpha` opacity and outlined, boxes outlined, and each detection tagged
-    "name 0.93". Where masks overlap, the higher score is shown. `color_by="instance"` gives every detection
-    its own colour (best for telling touching objects apart); `"class"` colours by class (stable across
-    images and video frames). With no detections the image comes back unchanged (as uint8 RGB).
+    "name 0.93"; `masks` are (N, H, W) or a `MaskCrops`. Where masks overlap, the higher score is shown.
+    `color_by="instance"` gives every detection its own colour (best for telling touching objects apart);
+    `"class"` colours by class (stable across images and video frames). With no detections the image comes
+    back unchanged (as uint8 RGB).
     """
     if color_by not in ("instance", "class"):
         raise ValueError(f"color_by must be 'instance' or 'class', got {color_by!r}")
@@ -176,7 +176,10 @@ def draw_detections(image: np.ndarray, boxes, labels, scores=None, masks=None, c
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     scores = None if scores is None else np.asarray(scores, dtype=np.float64).reshape(-1)
-    masks = None if masks is None else np.asarray(masks, dtype=bool)
+    if masks is not None and not isinstance(masks, MaskCrops):
+        masks = np.asarray(masks, dtype=bool)
+        if masks.ndim == 3:  # else _check_inputs says what is wrong
+            masks = MaskCrops.from_full(masks)
     _check_inputs(out, boxes, labels, scores, masks)
     n = len(boxes)
     if n == 0:
@@ -203,15 +206,14 @@ def draw_detections(image: np.ndarray, boxes, labels, scores=None, masks=None, c
         tint = colors[owner[covered]].astype(np.float32)
         out[covered] = (out[covered].astype(np.float32) * (1.0 - alpha) + tint * alpha + 0.5).astype(np.uint8)
         for i in order:
-            rows = np.flatnonzero(masks[i].any(axis=1))
-            if len(rows) == 0:
+            if masks.crops[i].size == 0:
                 continue
-            cols = np.flatnonzero(masks[i].any(axis=0))
+            rows, cols = masks.window(i)  # the mask's bounding box (crops are tight)
             # The mask's bounding box plus a margin: the margin is what lets its outermost pixels be seen
             # as edges (only the true image border is padded by repetition).
             grow = sizes["contour"]
-            window = (slice(max(rows[0] - grow, 0), min(rows[-1] + 1 + grow, height)),
-                      slice(max(cols[0] - grow, 0), min(cols[-1] + 1 + grow, width)))
+            window = (slice(max(rows.start - grow, 0), min(rows.stop + grow, height)),
+                      slice(max(cols.start - grow, 0), min(cols.stop + grow, width)))
             edge = _boundary(owner[window] == i, sizes["contour"])
             out[window][edge] = _lighter(colors[i])
 

@@ -34,6 +34,8 @@ from pycocotools.cocoeval import COCOeval
 from ..checks import COUNT, PROBABILITY
 from ..errors import MaskRCNNError
 from ..files import write_text_atomic
+from ..masks import MaskCrops
+from ..modeling.model import MaskRCNN
 from ..results import encode_rle, mask_pixels
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -245,7 +247,14 @@ def _to_coco(output: dict, image_id: int, image_size, category_ids, mask_thresho
         raise ValueError(f"model returned {len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels")
     rles = None
     masks = output.get("masks")
-    if masks is not None:
+    if output.get("mask_crops") is not None:  # MaskRCNN.predict(masks="crops"), thresholded already
+        size = tuple(int(s) for s in output["image_size"])
+        if len(output["mask_crops"]) != len(boxes) or size != tuple(image_size):
+            raise ValueError(f"model returned {len(output['mask_crops'])} mask crops of a {size} image for "
+                             f"{len(boxes)} boxes in a {tuple(image_size)} image")
+        crops = [c.detach().cpu().numpy() for c in output["mask_crops"]]
+        rles = MaskCrops(crops, output["mask_offsets"].cpu().numpy(), size).to_rle()
+    elif masks is not None:
         masks = masks.detach()
         if masks.ndim == 4:
             masks = masks[:, 0]
@@ -295,8 +304,12 @@ def predict_dataset(model, dataset, *, category_ids, batch_size: int = 1, mask_t
 
     def run(batch: list[tuple[int, int, torch.Tensor]]) -> None:
         try:
+            images = [image.to(device) for _, _, image in batch]
             with torch.inference_mode():
-                outputs = model([image.to(device) for _, _, image in batch])
+                if isinstance(model, MaskRCNN):  # each mask pasted into its crop: no N x H x W floats
+                    outputs = model.predict(images, masks="crops", mask_threshold=mask_threshold)
+                else:
+                    outputs = model(images)
             if len(outputs) != len(batch):
                 raise ValueError(f"model returned {len(outputs)} outputs for {len(batch)} images")
             converted = [_to_coco(output, image_id, image.shape[-2:], category_ids, mask_threshold)

@@ -20,7 +20,7 @@ from .fpn import FPN
 from .layers import folded_norms
 from .mask_head import MaskHead, MaskPredictor
 from .poolers import MultiLevelRoIAlign
-from .postprocess import MASK_PASTE_MODES, paste_masks, select_detections
+from .postprocess import MASK_PASTE_MODES, paste_masks, paste_masks_in_crops, select_detections
 from .rpn import RegionProposalNetwork, RPNConfig, RPNHead
 from .transform import ImageTransform, rescale_boxes
 
@@ -149,6 +149,7 @@ def model_setting_problems(options: dict) -> list[str]:
 
 class MaskRCNN(nn.Module):
     PRECISIONS = ("fp32", "bf16", "fp16")
+    MASK_OUTPUTS = ("image", "crops")
 
     def __init__(self, config: ModelConfig, class_names: list[str] | None = None,
                  category_ids: list[int] | None = None):
@@ -215,7 +216,15 @@ class MaskRCNN(nn.Module):
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
     @torch.no_grad()
-    def predict(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    def predict(self, images: list[torch.Tensor], masks: str = "image",
+                mask_threshold: float | None = None) -> list[dict]:
+        """What eval-mode `forward` returns. masks="crops" pastes each mask only into the part of the image it
+        can cover: instead of `masks` (N, 1, H, W), `mask_crops` (a list of N (h_i, w_i) probability tensors,
+        0 outside them), `mask_offsets` (N, 2) int64 (row, column of each crop's top-left pixel) and
+        `image_size` (H, W); the same values, for the crops' memory instead of N x H x W floats. With a
+        `mask_threshold` the crops are boolean (probability >= threshold) as soon as each is pasted."""
+        if masks not in self.MASK_OUTPUTS:
+            raise ValueError(f"masks must be one of {self.MASK_OUTPUTS}, got {masks!r}")
         original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         batch, sizes, _ = self.transform(images)
         reduced = self.precision != "fp32"
@@ -233,7 +242,8 @@ class MaskRCNN(nn.Module):
                 pooled_from = [f.float() for f in pooled_from]
             detections = self.detect_boxes(pooled_from, proposals, sizes, exact=not reduced)
             self.predict_masks(pooled_from, detections, sizes, exact=not reduced)
-        return [self.to_input_pixels(d, size, orig) for d, size, orig in zip(detections, sizes, original_sizes)]
+        return [self.to_input_pixels(d, size, orig, masks, mask_threshold)
+                for d, size, orig in zip(detections, sizes, original_sizes)]
 
     def detect_boxes(self, features: list[torch.Tensor], proposals: list[torch.Tensor],
                      sizes: list[tuple[int, int]], exact: bool = True) -> list[dict[str, torch.Tensor]]:
@@ -268,7 +278,12 @@ class MaskRCNN(nn.Module):
         for d, p in zip(detections, probs.split([len(b) for b in boxes])):
             d["mask_probs"] = p
 
-    def to_input_pixels(self, det: dict, size: tuple[int, int], original: tuple[int, int]) -> dict:
+    def to_input_pixels(self, det: dict, size: tuple[int, int], original: tuple[int, int],
+                        masks: str = "image", mask_threshold: float | None = None) -> dict:
         boxes = rescale_boxes(det["boxes"], size, original)
-        masks = paste_masks(det["mask_probs"], boxes, original, mode=self.config.mask_paste)[:, None]
-        return {"boxes": boxes, "labels": det["labels"], "scores": det["scores"], "masks": masks}
+        out = {"boxes": boxes, "labels": det["labels"], "scores": det["scores"]}
+        if masks == "crops":
+            crops, offsets = paste_masks_in_crops(det["mask_probs"], boxes, original, mode=self.config.mask_paste,
+                                                  threshold=mask_threshold)
+            return {**out, "mask_crops": crops, "mask_offsets": offsets, "image_size": original}
+        return {**out, "masks": paste_masks(det["mask_probs"], boxes, original, mode=self.config.mask_paste)[:, None]}

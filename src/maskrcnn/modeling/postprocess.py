@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms
@@ -62,24 +63,104 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int,
     if n == 0:
         return masks.new_zeros((0, height, width))
     padded = F.pad(masks, (padding,) * 4)
+    spans = _paste_spans(boxes, m, padding, mode)
+    rows = _paste_matrix(spans, 1, height, m + 2 * padding, masks.dtype)
+    cols = _paste_matrix(spans, 0, width, m + 2 * padding, masks.dtype)
+    return rows @ padded @ cols.transpose(1, 2)
+
+
+def paste_masks_in_crops(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int],
+                         padding: int = 1, mode: str = "torchvision",
+                         threshold: float | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """`paste_masks` without keeping the image-sized canvases: for each mask only the part of the image where
+    its pasted values can be non-zero, as ([(h_i, w_i) tensors], (N, 2) int64 (y, x) offsets of their
+    top-left pixels, on the CPU). Memory is one canvas at a time plus the crops, instead of N canvases.
+    With a `threshold`, the crops are boolean masks (value >= threshold) rather than probabilities; a
+    threshold <= 0, which the zeros outside pass, makes every crop the whole image.
+
+    Each mask is pasted with exactly the matmuls `paste_masks` runs for it (one (H, 30) @ (30, 30) @ (30, W)
+    slice of its batch), so every value is the same bit for bit: matmuls restricted to the crop's rows and
+    columns would be cheaper but BLAS picks other kernels (another summation order) for thin matrices."""
+    if mode not in MASK_PASTE_MODES:
+        raise ValueError(f"unknown mask paste mode {mode!r}; choose one of {MASK_PASTE_MODES}")
+    n, m = masks.shape[0], masks.shape[-1]
+    height, width = image_size
+    if n == 0:
+        return [], torch.zeros((0, 2), dtype=torch.int64)
+    spans = _paste_spans(boxes, m, padding, mode)
+    bounds = [crop_bounds(spans[2 * axis], spans[2 * axis + 1], size, mode == "exact")
+              for axis, size in ((1, height), (0, width))]
+    crops, offsets = cut_crops(lambda i: paste_masks(masks[i:i + 1], boxes[i:i + 1], image_size, padding, mode)[0],
+                               bounds, image_size, threshold,
+                               lambda shape, as_bool: masks.new_zeros(shape, dtype=torch.bool if as_bool else None))
+    return crops, torch.tensor(offsets, dtype=torch.int64).reshape(-1, 2)
+
+
+def cut_crops(paste_one, bounds, image_size: tuple[int, int], threshold: float | None, zeros) -> tuple[list, list]:
+    """The crop loop of both pastes (torch here, numpy in maskrcnn.exported): `paste_one(i)` is mask i's
+    (H, W) canvas, `bounds` its (rows, columns) from `crop_bounds`, `zeros(shape, as_bool)` an empty crop.
+    One canvas lives at a time. Returns (crops, [[top, left], ...])."""
+    height, width = image_size
+    n = len(bounds[0])
+    if threshold is not None and threshold <= 0:  # the zeros outside the crops pass it too: whole image
+        bounds = [(0, height)] * n, [(0, width)] * n
+    crops = []
+    for i, ((top, bottom), (left, right)) in enumerate(zip(*bounds)):
+        if bottom <= top or right <= left:
+            crops.append(zeros((max(bottom - top, 0), max(right - left, 0)), threshold is not None))
+            continue
+        crop = paste_one(i)[top:bottom, left:right]
+        if threshold is not None:
+            crops.append(crop >= threshold)
+        else:
+            crops.append(crop.clone() if isinstance(crop, torch.Tensor) else crop.copy())
+        del crop  # frees the canvas before the next one is made
+    return crops, [[top, left] for (top, _), (left, _) in zip(*bounds)]
+
+
+def _paste_spans(boxes: torch.Tensor, m: int, padding: int, mode: str) -> tuple[torch.Tensor, ...]:
+    """Where each padded mask goes, per axis (x, then y): mode "exact" (x start, x length, y start, y length)
+    in continuous coordinates; mode "torchvision" (x0, x1, y0, y1), whole pixels, inclusive."""
     scale = (m + 2 * padding) / m
     if mode == "exact":
         grown_w = (boxes[:, 2] - boxes[:, 0]).clamp(min=1e-3) * scale
         grown_h = (boxes[:, 3] - boxes[:, 1]).clamp(min=1e-3) * scale
         cx = (boxes[:, 2] + boxes[:, 0]) * 0.5 + 0.5
         cy = (boxes[:, 3] + boxes[:, 1]) * 0.5 + 0.5
-        rows = _exact_resize_matrix(cy - grown_h * 0.5, grown_h, m + 2 * padding, height, masks.dtype)
-        cols = _exact_resize_matrix(cx - grown_w * 0.5, grown_w, m + 2 * padding, width, masks.dtype)
-        return rows @ padded @ cols.transpose(1, 2)
+        return cx - grown_w * 0.5, grown_w, cy - grown_h * 0.5, grown_h
     half_w = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale
     half_h = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
     cx = (boxes[:, 2] + boxes[:, 0]) * 0.5
     cy = (boxes[:, 3] + boxes[:, 1]) * 0.5
-    x0, x1 = (cx - half_w).to(torch.int64), (cx + half_w).to(torch.int64)
-    y0, y1 = (cy - half_h).to(torch.int64), (cy + half_h).to(torch.int64)
-    rows = _resize_matrix(y0, y1, m + 2 * padding, height, masks.dtype)
-    cols = _resize_matrix(x0, x1, m + 2 * padding, width, masks.dtype)
-    return rows @ padded @ cols.transpose(1, 2)
+    return ((cx - half_w).to(torch.int64), (cx + half_w).to(torch.int64),
+            (cy - half_h).to(torch.int64), (cy + half_h).to(torch.int64))
+
+
+def _paste_matrix(spans: tuple[torch.Tensor, ...], axis: int, canvas: int, in_size: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The interpolation weights of one axis (0: x, 1: y) onto a `canvas`-pixel line; `spans` says the mode."""
+    a, b = spans[2 * axis], spans[2 * axis + 1]
+    if a.dtype == torch.int64:
+        return _resize_matrix(a, b, in_size, canvas, dtype)
+    return _exact_resize_matrix(a, b, in_size, canvas, dtype)
+
+
+def crop_bounds(first, last, canvas: int, exact: bool) -> list[tuple[int, int]]:
+    """Per mask, the pixels [begin, end) of one canvas axis outside which its pasted values are all 0, from
+    its span on that axis (numpy or torch, any device): whole pixels `first`..`last` inclusive, or with
+    `exact`, the sub-pixel span starting at `first` of length `last`.
+
+    Whole-pixel spans are exact. For a sub-pixel span, a pixel whose centre p + 0.5 is at or before the
+    start reads position <= -0.5 (clamped onto the zero padding), and one a pixel and a half or more past
+    the end reads >= in_size - 0.5 (the zero padding again), so a pixel of margin either side covers every
+    pixel that can be non-zero whatever the float32 rounding."""
+    first, last = (np.asarray(t.detach().cpu() if hasattr(t, "detach") else t) for t in (first, last))
+    if exact:
+        start, end = first.astype(np.float64), first.astype(np.float64) + last.astype(np.float64)
+        begin, stop = np.floor(start).astype(np.int64) - 1, np.ceil(end).astype(np.int64) + 2
+    else:
+        begin, stop = first.astype(np.int64), last.astype(np.int64) + 1
+    return [(min(max(b, 0), canvas), max(min(e, canvas), 0)) for b, e in zip(begin.tolist(), stop.tolist())]
 
 
 def _exact_resize_matrix(start: torch.Tensor, length: torch.Tensor, in_size: int, canvas: int,
