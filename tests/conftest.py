@@ -13,12 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.reference import torchvision_reference  # noqa: E402,F401  (re-exported for the tests)
 
-COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini"
+COCO_MINI = ROOT / "tests" / "assets" / "coco"
 
 
 def coco_mini() -> Path:
+    """The real COCO images and annotations committed with the tests (COCO layout; see its README.md)."""
     if not COCO_MINI.is_dir():
-        pytest.fail(f"real test data not found at {COCO_MINI} (expected ../shared/data/coco-mini)")
+        pytest.fail(f"real test data not found at {COCO_MINI} (committed with the tests)")
     return COCO_MINI
 
 
