@@ -7,7 +7,7 @@
 The photo is a real COCO image (coco-mini val2017, the first one) upscaled to --size. The model is a seeded
 random resnet18_fpn whose class scores are scaled up (as tests/conftest.py `tiny_model`) at the usual
 800/1333 input size, with score threshold 0 and 100 detections at most, so it finds exactly 100 objects.
-Each measurement runs in a fresh process and reports its peak RSS (resource.getrusage ru_maxrss), which
+Each measurement runs in a fresh process and reports its peak RSS (/proc/self/status VmHWM; ru_maxrss would carry the parent's peak over exec), which
 includes the ~0.9 GB that importing torch costs. Paths:
   predictor: Predictor(...)(photo), then to_coco(), semantic_map(), instance_map() and draw(photo);
   cli:       maskrcnn predict --semantic (overlay, predictions, semantic and instance PNGs).
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COCO_VAL = ROOT.parent / "shared" / "data" / "coco-mini" / "val2017"
 
 CHILD = r"""
-import json, resource, sys
+import json, sys
 import numpy as np, torch
 from PIL import Image
 path, weights, photo, out = sys.argv[1:5]
@@ -49,7 +49,7 @@ else:
     import glob
     files = glob.glob(out + "/predictions.jsonl") or glob.glob(out + "/predictions.json")
     found = open(files[0]).read().count('"segmentation"')
-print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "detections": found}))
+print(json.dumps({"peak_rss": int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024, "detections": found}))
 """
 
 
