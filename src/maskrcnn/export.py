@@ -56,7 +56,7 @@ class DetectionGraph(nn.Module):
         features = m.features(image)
         proposals = self.proposals(image, features, size)
         boxes, scores, labels = self.detections(features[:-1], proposals, size, score_thresh, max_detections)
-        mask_logits = m.mask_predictor(m.mask_head(self.pool(features[:-1], boxes, m.mask_pooler)))
+        mask_logits = m.mask_predictor(m.mask_head(self.pool(features[:-1], boxes, m.mask_pooler, size[0])))
         picked = mask_logits[torch.arange(labels.shape[0]), labels]
         return boxes, scores, labels, picked.sigmoid()
 
@@ -91,7 +91,8 @@ class DetectionGraph(nn.Module):
         """postprocess.select_detections for one image."""
         m = self.model
         c = m.config
-        class_logits, box_deltas = m.box_predictor(m.box_head(self.pool(features, proposals, m.box_pooler)))
+        pooled = self.pool(features, proposals, m.box_pooler, size[0])
+        class_logits, box_deltas = m.box_predictor(m.box_head(pooled))
         boxes = _clip(m.box_coder.decode(box_deltas, proposals), size)[:, 1:].reshape(-1, 4)
         scores = torch.softmax(class_logits, -1)[:, 1:].reshape(-1)
         # Candidate i is (proposal i // (classes - 1), class i % (classes - 1) + 1), as in the eager code.
@@ -102,18 +103,30 @@ class DetectionGraph(nn.Module):
         keep = keep[torch.arange(keep.shape[0]) < max_detections]
         return boxes[keep], scores[keep], labels[keep]
 
-    def pool(self, features: list[torch.Tensor], boxes: torch.Tensor, pooler) -> torch.Tensor:
-        """MultiLevelRoIAlign over P2..P5 for one image; every level runs, also on no boxes, so no branch is
-        traced. The scales are the strides' 1/4..1/32 (the eager pooler reads them off the shapes, which
-        gives the same powers of two for any resized image more than ~75 px high)."""
-        rois = torch.cat((torch.zeros_like(boxes[:, :1]), boxes), dim=1)
-        levels = level_of_boxes(boxes, 2, 1 + len(features))
+    @staticmethod
+    def pool(features: list[torch.Tensor], boxes: torch.Tensor, pooler, height: torch.Tensor) -> torch.Tensor:
+        """MultiLevelRoIAlign over P2..P5 for one image, for any number of boxes on any level (0 included).
+
+        Every level runs, also on no boxes, so no branch is traced; each level's result is gathered back into
+        the boxes' order (an index_put would be exported as a ScatterND whose reshape fails on an empty
+        level). As in the eager pooler, each level's scale is the power of two nearest to its height over the
+        resized image's `height`, and the level range follows from those scales: 1/4..1/32 for most images,
+        but a very flat one (resized height under ~75 px) gets other powers of two. RoiAlign's scale is an
+        attribute of the ONNX node, fixed at export, so the boxes are scaled instead (by a power of two:
+        exact, the same sample points)."""
+        scales = torch.stack([shape_as_tensor(f)[2] for f in features]).to(torch.float32) / height
+        log_scales = torch.round(torch.log2(scales))
+        levels = level_of_boxes(boxes, -log_scales[0], -log_scales[-1])
         s = pooler.output_size
-        out = features[0].new_zeros((boxes.shape[0], features[0].shape[1], s, s))
+        pooled, order = [], []
         for level, feature in enumerate(features):
             idx = torch.where(levels == level)[0]
-            out[idx] = roi_align(feature, rois[idx], s, 2.0 ** -(2 + level), pooler.sampling_ratio)
-        return out
+            scaled = boxes[idx] * 2.0 ** log_scales[level]
+            rois = torch.cat((torch.zeros_like(scaled[:, :1]), scaled), dim=1)
+            pooled.append(roi_align(feature, rois, s, 1.0, pooler.sampling_ratio))
+            order.append(idx)
+        # torch.cat(order) lists the boxes level by level; its argsort puts each result back at its box.
+        return torch.cat(pooled)[torch.argsort(torch.cat(order))]
 
 
 def _clip(boxes: torch.Tensor, size: torch.Tensor) -> torch.Tensor:

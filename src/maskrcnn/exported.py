@@ -153,7 +153,7 @@ def _open_onnx(path: Path):
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as the PyTorch path
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a failed run is reported as one MaskRCNNError line
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for unreadable files
@@ -165,7 +165,10 @@ def _open_onnx(path: Path):
 
     def run(image, image_size, score_thresh, max_detections):
         feeds = dict(zip(INPUT_NAMES, (image, image_size, score_thresh, max_detections)))
-        return session.run(list(OUTPUT_NAMES), feeds)
+        try:
+            return session.run(list(OUTPUT_NAMES), feeds)
+        except Exception as e:  # onnxruntime's own exception types
+            raise _graph_failure(path, e) from None
 
     return run, _parse_metadata(text, path)
 
@@ -183,12 +186,23 @@ def _open_torchscript(path: Path):
         raise MaskRCNNError(f"{path}: not a loadable TorchScript model ({first})") from None
 
     def run(image, image_size, score_thresh, max_detections):
-        with torch.inference_mode():
-            outputs = module(*(torch.from_numpy(np.asarray(a)) for a in
-                               (image, image_size, score_thresh, max_detections)))
+        try:
+            with torch.inference_mode():
+                outputs = module(*(torch.from_numpy(np.asarray(a)) for a in
+                                   (image, image_size, score_thresh, max_detections)))
+        except RuntimeError as e:  # what TorchScript raises for an op that fails inside the graph
+            raise _graph_failure(path, e, last_line=True) from None
         return [o.numpy() for o in outputs]
 
     return run, _parse_metadata(extra[METADATA_KEY], path)
+
+
+def _graph_failure(path: Path, error: Exception, last_line: bool = False) -> MaskRCNNError:
+    """One line naming the file for an exported graph that failed while running. ONNX Runtime puts its
+    message on the first line; TorchScript puts it on the last, after the graph's call stack."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    detail = lines[-1] if last_line else lines[0]
+    return MaskRCNNError(f"{path}: the exported model failed on this image ({detail[:300]})")
 
 
 def _parse_metadata(text, path: Path) -> dict:

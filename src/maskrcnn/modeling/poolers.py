@@ -10,14 +10,15 @@ from torch import nn
 from torchvision.ops import roi_align as tv_roi_align
 
 
-def level_of_boxes(boxes: torch.Tensor, min_level: int, max_level: int,
+def level_of_boxes(boxes: torch.Tensor, min_level: int | torch.Tensor, max_level: int | torch.Tensor,
                    canonical_size: float = 224.0, canonical_level: int = 4) -> torch.Tensor:
     """FPN paper eq. 1: a 224x224 box goes to P4, each halving of its side one level down.
-    Returns the index into [min_level, max_level] (0 = finest)."""
+    Returns the index into [min_level, max_level] (0 = finest). The bounds may be float tensors (the
+    exported graph reads them off the feature shapes)."""
     side = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
     level = torch.floor(canonical_level + torch.log2(side / canonical_size)
                         + torch.tensor(1e-6, dtype=side.dtype))
-    return (level.clamp(min=min_level, max=max_level).to(torch.int64) - min_level)
+    return (level.clamp(min=min_level, max=max_level) - min_level).to(torch.int64)
 
 
 def _feature_scale(feature_size: int, image_size: int) -> float:
