@@ -234,7 +234,7 @@ def test_bad_settings_are_one_clear_error(shapes, tmp_path):
     with pytest.raises(MaskRCNNError, match=r"ema_decay must be a finite number >= 0 and < 1 \(or None\)"):
         train(tiny_config(shapes, tmp_path / "run", ema_decay=1.0), progress=False)
     plain = tiny_config(shapes, tmp_path / "plain")
-    train(plain, stop_after=2, progress=False)
+    train(plain, _stop_after=2, progress=False)
     with pytest.raises(MaskRCNNError, match=r"last.pt: optimizer state does not fit this run \(.*no weight average"):
         train(config_with(plain, {"ema_decay": 0.9}), resume=True, progress=False)
     with pytest.raises(MaskRCNNError, match="bad model settings: unknown box head 'fc'"):
