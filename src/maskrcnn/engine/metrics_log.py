@@ -20,7 +20,7 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         if self.path.exists():
             if start_iter == 0:
-                self.path.unlink()
+                self.path.unlink()  # the previous run's log in its marked folder (run_folder.py)
             else:
                 from .plots import read_metrics
 

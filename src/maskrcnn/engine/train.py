@@ -3,17 +3,20 @@ can resume bit-exactly, validation with COCO AP, and the same code on one CPU or
 
 Where the parts live: config.py (TrainConfig, config files, "auto" settings), seeds.py (the random streams that
 make runs reproducible), training_data.py, training_model.py (from scratch or fine-tuning), schedule.py (the
-optimizer and lr schedule), trainer.py (the loop), metrics_log.py (metrics.jsonl, TensorBoard, curves.png).
-The names below stay importable from here.
+optimizer and lr schedule), trainer.py (the loop), metrics_log.py (metrics.jsonl, TensorBoard, curves.png),
+run_folder.py (which folders a run may write into). The names below stay importable from here.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 from . import distributed
 from .config import (LOSS_NAMES, TrainConfig, check_config, config_with, load_config_file, resolve_defaults,
                      setting_problems)
+from .run_folder import check_run_folder
 from .schedule import lr_factor, param_groups
 from .seeds import derive_seed, sampling_generators
 from .trainer import _Trainer, evaluate_model
@@ -24,10 +27,12 @@ from .training_model import CLASS_DEPENDENT_KEYS, build_training_model, merge_mo
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, _stop_after: int | None = None) -> dict:
     """Train as `config` says; returns a summary (iterations, last logged losses, validation metrics, paths).
 
-    resume: continue from RUN_DIR/last.pt (the config should be the one the run started with).
+    resume: continue from RUN_DIR/last.pt (the config should be the one the run started with). Without it,
+    the run refuses a folder holding files it would replace that no earlier run wrote (run_folder.py).
     _stop_after (tests only): end the process's work after this many iterations, as if killed there.
     """
     check_config(config)
+    check_run_folder(Path(config.out), resume)
     threads_before = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)

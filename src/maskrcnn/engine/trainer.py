@@ -18,6 +18,7 @@ from .checkpoint import TRAIN_FORMAT_TAG, atomic_torch_save, read_training_check
 from .config import RECIPE_FIELDS, TrainConfig, plain
 from .ema import WeightAverage
 from .metrics_log import MetricsLog
+from .run_folder import start_run_folder
 from .schedule import build_optimizer
 from .seeds import _STEP, derive_seed, sampling_generators
 from .training_data import open_training_data, worker_error_message
@@ -115,11 +116,7 @@ class _Trainer:
     def _start(self) -> None:
         """Main process: the run folder, the log, and one line saying what is about to run."""
         c = self.config
-        import yaml
-
-        from ..files import write_text_atomic
-
-        write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(c.to_dict(), sort_keys=False))
+        start_run_folder(self.run_dir, c)
         self.log = MetricsLog(self.run_dir, self.start_iter)
         params = sum(p.numel() for p in self.network.parameters())
         trainable = sum(p.numel() for p in self.network.parameters() if p.requires_grad)
