@@ -19,7 +19,8 @@ import time
 import torch
 
 from maskrcnn.engine import distributed
-from maskrcnn.engine.train import TrainConfig, _Trainer, config_with, resolve_defaults
+from maskrcnn.engine.train import TrainConfig, config_with, resolve_defaults
+from maskrcnn.engine.trainer import _Trainer
 
 DEFAULT_OPTIONS = {
     "default": {},
@@ -63,7 +64,7 @@ def main() -> None:
             if state is not None:
                 # strict=False: a GroupNorm option has no running statistics to take, a shared box head
                 # none of the split head's layers; the rest of the weights is all their timing needs
-                trainer.model.load_state_dict(state, strict=False)
+                trainer.network.load_state_dict(state, strict=False)
             steps[name] = _stepper(trainer)
         times = {name: [] for name in steps}
         names = list(steps)

@@ -98,6 +98,22 @@ def test_train_needs_its_data(tmp_path):
     assert code == 2 and "--train-annotations and --train-images are required" in err
 
 
+def test_train_refuses_an_out_folder_holding_files_it_did_not_write(shapes, tmp_path):
+    """`--out .` beside the user's own config.yaml: a fresh run would replace it, so it stops with one line
+    before touching anything."""
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: settings\n")
+    code, out, err = run_cli(["train", "--train-annotations", shapes["train_annotations"], "--train-images",
+                              shapes["train_images"], "--out", str(mine), "--iters", "1", "--device", "cpu"])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("maskrcnn train: error: ")
+    assert str(mine) in lines[0] and "config.yaml" in lines[0] and ".maskrcnn-train" in lines[0]
+    assert (mine / "config.yaml").read_text() == "my: settings\n"
+    assert sorted(p.name for p in mine.iterdir()) == ["config.yaml"]
+
+
 def test_config_file_flags_and_cli_resume(shapes, tmp_path, one_thread):
     """Flags override the config file; --resume picks the run's own settings up from last.pt."""
     config = {"train_annotations": shapes["train_annotations"], "train_images": shapes["train_images"],

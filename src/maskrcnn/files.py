@@ -1,4 +1,5 @@
-"""Atomic file writing: a reader (or a crash) never sees a half-written checkpoint, report or json.
+"""Atomic file writing: a reader (or a crash) never sees a half-written checkpoint, report or json. And the
+marker file by which a command recognises an output folder it made.
 
 Every temporary file is named `.<final name>.<pid>.<8 hex>.tmp` (plus the final suffix where a writer picks
 its format from it, e.g. `.tmp.mp4`), beside the final file. A killed process leaves such files behind;
@@ -45,6 +46,18 @@ def atomic_path(path: str | os.PathLike, keep_suffix: bool = False) -> Iterator[
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def has_marker(folder: str | os.PathLike, marker: str) -> bool:
+    """Whether `folder` holds `marker`, the file a command writes into an output folder it made (or took over
+    empty): only in such a folder may the command delete or replace files it finds there."""
+    return (Path(folder) / marker).is_file()
+
+
+def mark_folder(folder: str | os.PathLike, marker: str, note: str) -> None:
+    """Create `folder` if needed and write `marker` into it (once), `note` saying what made it."""
+    if not has_marker(folder, marker):
+        write_text_atomic(Path(folder) / marker, note)
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:

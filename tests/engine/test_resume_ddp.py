@@ -58,7 +58,7 @@ def test_resume_is_bit_exact(shapes, tmp_path, one_thread):
     assert straight["completed"] and straight["iterations"] == 7
 
     interrupted = tiny_config(shapes, tmp_path / "resumed", model=dict(recipe))
-    first = train(interrupted, stop_after=4, progress=False)
+    first = train(interrupted, _stop_after=4, progress=False)
     assert not first["completed"] and first["iterations"] == 4
     assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["iteration"] == 3
     assert not (tmp_path / "resumed" / "model.safetensors").exists()

@@ -234,7 +234,7 @@ def test_bad_settings_are_one_clear_error(shapes, tmp_path):
     with pytest.raises(MaskRCNNError, match=r"ema_decay must be a finite number >= 0 and < 1 \(or None\)"):
         train(tiny_config(shapes, tmp_path / "run", ema_decay=1.0), progress=False)
     plain = tiny_config(shapes, tmp_path / "plain")
-    train(plain, stop_after=2, progress=False)
+    train(plain, _stop_after=2, progress=False)
     with pytest.raises(MaskRCNNError, match=r"last.pt: optimizer state does not fit this run \(.*no weight average"):
         train(config_with(plain, {"ema_decay": 0.9}), resume=True, progress=False)
     with pytest.raises(MaskRCNNError, match="bad model settings: unknown box head 'fc'"):
@@ -275,6 +275,38 @@ def test_run_directory_contents_and_checkpoint_formats(shapes, tmp_path, one_thr
     final = maskrcnn.load(run / "model.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), final.state_dict().values()))
     assert final.category_ids == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_fresh_run_keeps_files_it_did_not_write_and_reuses_its_own_folder(shapes, tmp_path, one_thread):
+    """A fresh run refuses a folder holding one of its output names that no run wrote (no marker file), with
+    one line and nothing changed; a previous run's folder it replaces as before."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.jsonl").write_text("my own notes\n")
+    with pytest.raises(MaskRCNNError) as caught:
+        train(tiny_config(shapes, mine, iters=1), progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and "metrics.jsonl" in message and "not a training run's folder" in message
+    assert (mine / "metrics.jsonl").read_text() == "my own notes\n"
+    assert sorted(p.name for p in mine.iterdir()) == ["metrics.jsonl"]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(MaskRCNNError, match="exists and is not a folder"):
+        train(tiny_config(shapes, a_file, iters=1), progress=False)
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")  # no output name: a fresh run may write here, and leaves it alone
+    train(tiny_config(shapes, run, iters=2), progress=False)
+    assert (run / ".maskrcnn-train").is_file()
+    summary = train(tiny_config(shapes, run, iters=1), progress=False)  # a fresh run again
+    assert summary["completed"] and summary["iterations"] == 1
+    import yaml
+
+    assert [r["iteration"] for r in read_metrics(run / "metrics.jsonl")] == [1]  # the old log is gone
+    assert yaml.safe_load((run / "config.yaml").read_text())["iters"] == 1
+    assert torch.load(run / "last.pt", weights_only=True)["iteration"] == 1
+    assert (run / "notes.txt").read_text() == "mine"
 
 
 def test_trains_on_real_coco_data(tmp_path, one_thread):

@@ -40,20 +40,20 @@ def prepare_out(out: Path, fresh: bool) -> None:
     delete a folder that carries the marker. A folder without it may hold the user's files (`--out .`), so
     `fresh` refuses it rather than deleting anything there."""
     from ..errors import MaskRCNNError
-    from ..files import write_text_atomic
+    from ..files import has_marker, mark_folder
 
     if out.exists() and not out.is_dir():
         raise MaskRCNNError(f"--out {out}: exists and is not a folder")
     empty = not out.exists() or not any(out.iterdir())
     if fresh and not empty:
-        if not (out / MARKER).is_file() or out.is_symlink():
+        if not has_marker(out, MARKER) or out.is_symlink():
             raise MaskRCNNError(f"--out {out}: --fresh deletes only a folder made by `maskrcnn demo` (one "
                                 f"holding its {MARKER} file), and this one has none; delete it yourself or choose "
                                 "another --out")
         shutil.rmtree(out)
         empty = True
     if empty:
-        write_text_atomic(out / MARKER, "made by `maskrcnn demo`; `maskrcnn demo --fresh` deletes this folder\n")
+        mark_folder(out, MARKER, "made by `maskrcnn demo`; `maskrcnn demo --fresh` deletes this folder\n")
 
 
 def _say(message: str) -> None:

@@ -1,6 +1,6 @@
 """maskrcnn train: train or fine-tune on a COCO-format dataset (one process, or N under torchrun).
 
-Settings come in layers, later ones winning: TrainConfig defaults (maskrcnn/engine/train.py) < the
+Settings come in layers, later ones winning: TrainConfig defaults (maskrcnn/engine/config.py) < the
 run's saved settings (with --resume) < --config FILE < command-line flags.
 """
 

@@ -16,7 +16,7 @@ never runs code):
     format         "maskrcnn.train.v1"
 
 Nothing else is needed for an exact resume: data order, augmentation and all sampling are pure
-functions of (seed, epoch, index, iteration), see engine/train.py.
+functions of (seed, epoch, index, iteration), see engine/seeds.py.
 """
 
 from __future__ import annotations

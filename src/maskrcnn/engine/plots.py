@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from ..files import atomic_path
+
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """All records of a metrics.jsonl file (a torn last line from a killed run is skipped)."""
@@ -70,8 +72,9 @@ def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike) ->
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_path)
+    try:
+        with atomic_path(out_path, keep_suffix=True) as tmp:  # savefig picks the format from the suffix
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
     return out_path
