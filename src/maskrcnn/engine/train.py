@@ -26,11 +26,11 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from ..checks import NON_NEGATIVE, check_fields
+from ..data.augment import derive_seed
 from ..errors import MaskRCNNError
 from . import distributed
 from .checkpoint import TRAIN_FORMAT_TAG, atomic_torch_save, read_training_checkpoint
@@ -239,12 +239,6 @@ def load_config_file(path: str | os.PathLike) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- seeds
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed determined by a tuple of integers; nearby tuples give unrelated seeds."""
-    words = np.random.SeedSequence([int(k) % 2**64 for k in keys]).generate_state(2, dtype=np.uint32)
-    return ((int(words[0]) << 32) | int(words[1])) & (2**63 - 1)
-
 
 def sampling_generators(seed: int, iteration: int, positions: range, device: torch.device) -> list[torch.Generator]:
     """One generator per image, keyed by the image's position in the global batch (not in this process's
