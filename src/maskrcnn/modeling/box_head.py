@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import ConvNormAct, full_precision
+from .layers import ConvNormAct, full_precision, make_norm
 
 
 class MLPBoxHead(nn.Module):
@@ -19,8 +19,8 @@ class MLPBoxHead(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(in_channels * pooled_size ** 2, hidden)
         self.fc2 = nn.Linear(hidden, hidden)
-        self.norm1 = _vector_norm(norm, hidden)
-        self.norm2 = _vector_norm(norm, hidden)
+        self.norm1 = make_norm(norm, hidden, vector=True)
+        self.norm2 = make_norm(norm, hidden, vector=True)
         self.out_features = hidden
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,16 +49,6 @@ class SplitMLPBoxHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.classification(x), self.regression(x)
-
-
-def _vector_norm(kind: str | None, features: int) -> nn.Module | None:
-    if kind is None or kind == "none":
-        return None
-    if kind == "bn":
-        return nn.BatchNorm1d(features)
-    if kind == "gn":
-        return nn.GroupNorm(32, features)
-    raise ValueError(f"unknown normalisation {kind!r} for the mlp box head; choose 'bn', 'gn' or None")
 
 
 class ConvFCBoxHead(nn.Module):
