@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import ConvNormAct, full_precision, make_norm
+from .layers import ConvNormAct, full_precision, init_relu_convs, make_norm
 
 
 class MLPBoxHead(nn.Module):
@@ -61,11 +61,7 @@ class ConvFCBoxHead(nn.Module):
                                                  norm=norm) for i in range(num_convs)))
         self.fc = nn.Linear(conv_channels * pooled_size ** 2, hidden)
         self.out_features = hidden
-        for m in self.convs.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_relu_convs(self.convs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.fc(self.convs(x).flatten(1)))
