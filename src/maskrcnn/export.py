@@ -24,6 +24,7 @@ from torchvision.ops import nms
 from .errors import MaskRCNNError
 from .files import atomic_path
 from .exported import INPUT_NAMES, METADATA_FORMAT, METADATA_KEY, OUTPUT_NAMES
+from .modeling.fpn import pooled_levels
 from .modeling.model import MaskRCNN
 from .modeling.poolers import level_of_boxes, roi_align
 
@@ -55,8 +56,8 @@ class DetectionGraph(nn.Module):
         size = image_size.to(torch.float32)
         features = m.features(image)
         proposals = self.proposals(image, features, size)
-        boxes, scores, labels = self.detections(features[:-1], proposals, size, score_thresh, max_detections)
-        mask_logits = m.mask_predictor(m.mask_head(self.pool(features[:-1], boxes, m.mask_pooler, size[0])))
+        boxes, scores, labels = self.detections(pooled_levels(features), proposals, size, score_thresh, max_detections)
+        mask_logits = m.mask_predictor(m.mask_head(self.pool(pooled_levels(features), boxes, m.mask_pooler, size[0])))
         picked = mask_logits[torch.arange(labels.shape[0]), labels]
         return boxes, scores, labels, picked.sigmoid()
 

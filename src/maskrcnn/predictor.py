@@ -119,8 +119,10 @@ class Predictor:
         read, is over `max_pixels` or runs out of memory, so that one bad file never loses the others (a
         batch that runs out of memory is retried one image at a time). `with_images=True` yields
         `(path, image, result)` with the decoded HxWx3 image (None on failure), which drawing overlays needs."""
+        from tqdm import tqdm
+
         paths = list(paths)
-        bar = _progress_bar(len(paths), "image", enabled=progress)
+        bar = tqdm(total=len(paths), unit="image", disable=not progress, dynamic_ncols=True)
         pending: list[tuple] = []  # (path, image, tensor) waiting for a full batch
 
         def flush():
@@ -235,23 +237,6 @@ def as_user_error(path, error: Exception) -> MaskRCNNError:
 
 def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int | None, unit: str, enabled: bool = True, desc: str | None = None):
-    """tqdm on stderr, or a do-nothing stand-in, so callers never branch on `progress`."""
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True)
 
 
 __all__ = ["Predictor"]

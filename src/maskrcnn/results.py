@@ -15,7 +15,8 @@ from .files import atomic_path
 from .masks import MaskCrops
 from .viz import class_color, draw_detections, topmost_instance
 
-__all__ = ["Detections", "MaskCrops", "encode_rle", "mask_pixels", "save_semantic_png", "save_instance_png"]
+__all__ = ["Detections", "MaskCrops", "coco_results", "encode_rle", "mask_pixels", "save_semantic_png",
+           "save_instance_png"]
 
 
 def encode_rle(masks: np.ndarray) -> list[dict]:
@@ -54,6 +55,32 @@ def _json_float(value) -> float:
     """A float32 as the shortest Python float that reads back to the same float32: 0.93, not
     0.9300000071525879, so predictions.json stays readable without losing anything."""
     return float(str(np.float32(value)))
+
+
+def coco_results(boxes, labels, scores, rles, *, category_ids=None, fields: dict | None = None,
+                 category_names=None, exact: bool = False) -> list[dict]:
+    """COCO results entries, one per row of float32 `boxes` (x1 y1 x2 y2), `labels`, `scores` and `rles`
+    (None: no segmentation), JSON-ready: plain Python numbers, bbox as [x, y, w, h].
+
+    Every entry starts with `fields` (e.g. image_id, file_name); `category_ids[label]` is written as the
+    category id (None: the label itself), followed by `category_names[i]` where given. Numbers are rounded
+    with `_json_float` (readable files) unless `exact`, which keeps them as they are: evaluation scores the
+    model's own numbers."""
+    number = float if exact else _json_float
+    entries = []
+    for i, label in enumerate(np.asarray(labels).tolist()):
+        label = int(label)
+        x1, y1, x2, y2 = (number(v) for v in boxes[i])
+        entry = dict(fields or {})
+        entry["category_id"] = int(category_ids[label]) if category_ids is not None else label
+        if category_names is not None:
+            entry["category_name"] = category_names[i]
+        entry["bbox"] = [x1, y1, number(x2 - x1), number(y2 - y1)]
+        entry["score"] = number(scores[i])
+        if rles is not None:
+            entry["segmentation"] = {"size": [int(s) for s in rles[i]["size"]], "counts": rles[i]["counts"]}
+        entries.append(entry)
+    return entries
 
 
 class Detections:
@@ -199,25 +226,19 @@ class Detections:
         tally = Counter(self.names)
         return dict(sorted(tally.items(), key=lambda item: (-item[1], item[0])))
 
-    def to_coco(self, image_id: int | None = None) -> list[dict]:
+    def to_coco(self, image_id: int | None = None, frame: int | None = None) -> list[dict]:
         """COCO results entries (one per detection), JSON-ready: plain Python numbers, bbox as [x, y, w, h],
-        segmentation as RLE with str counts."""
-        rles = self.mask_crops.to_rle()
-        entries = []
-        for i, (label, rle) in enumerate(zip(self.labels.tolist(), rles)):
-            x1, y1, x2, y2 = (_json_float(v) for v in self.boxes[i])
-            entry = {}
-            if image_id is not None:
-                entry["image_id"] = int(image_id)
-            if self.file_name is not None:
-                entry["file_name"] = str(self.file_name)
-            entry["category_id"] = int(self.category_ids[label]) if self.category_ids is not None else label
-            entry["category_name"] = self._name(label)
-            entry["bbox"] = [x1, y1, _json_float(x2 - x1), _json_float(y2 - y1)]
-            entry["score"] = _json_float(self.scores[i])
-            entry["segmentation"] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"]}
-            entries.append(entry)
-        return entries
+        segmentation as RLE with str counts. Each starts with `image_id`, `file_name` and a video's `frame`
+        where known."""
+        fields = {}
+        if image_id is not None:
+            fields["image_id"] = int(image_id)
+        if self.file_name is not None:
+            fields["file_name"] = str(self.file_name)
+        if frame is not None:
+            fields["frame"] = int(frame)
+        return coco_results(self.boxes, self.labels, self.scores, self.mask_crops.to_rle(),
+                            category_ids=self.category_ids, fields=fields, category_names=self.names)
 
     def draw(self, image: np.ndarray, **options) -> np.ndarray:
         """This image's picture; see `viz.draw_detections` for the options (alpha, show_legend, color_by)."""

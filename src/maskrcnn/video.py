@@ -142,11 +142,12 @@ def predict_video(predictor, path: str | os.PathLike, overlay_path: str | os.Pat
 
     The overlay is only kept if every frame went through; any error removes it and propagates.
     """
-    from .predictor import _progress_bar
+    from tqdm import tqdm
 
     with VideoReader(path) as reader:
         writer = VideoWriter(overlay_path, reader.info.fps) if overlay_path is not None else None
-        bar = _progress_bar(reader.info.frame_count, "frame", enabled=progress, desc=Path(path).name)
+        bar = tqdm(total=reader.info.frame_count, unit="frame", desc=Path(path).name, disable=not progress,
+                   dynamic_ncols=True)
         try:
             batch: list[np.ndarray] = []
             next_index = 0

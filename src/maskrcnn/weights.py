@@ -6,13 +6,11 @@ from the internet cannot run code on the user's machine.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
 import re
-import urllib.error
-import urllib.request
+import socket
 import warnings
 from pathlib import Path
 
@@ -252,23 +250,20 @@ def fetch(name: str, progress: bool = True) -> Path:
     path = registry_path(name)
     if path.is_file():
         return path
-    try:
-        with atomic_path(path) as tmp:
-            digest = hashlib.sha256()
-            with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
-                from tqdm import tqdm
-
-                total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=path.name, disable=not progress) as bar:
-                    while chunk := response.read(1 << 20):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        bar.update(len(chunk))
-            if not digest.hexdigest().startswith(sha_prefix):
-                raise MaskRCNNError(f"{url}: downloaded file is corrupt (SHA-256 does not start with {sha_prefix})")
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
+    timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # torch.hub opens the url without a timeout of its own
+    try:  # torch.hub writes a temp file beside `path`, checks the hash, then moves it into place
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=sha_prefix, progress=progress)
+    except RuntimeError as e:
+        if "invalid hash value" not in str(e):
+            raise
+        raise MaskRCNNError(f"{url}: downloaded file is corrupt (SHA-256 does not start with {sha_prefix})") from None
+    except (OSError, TimeoutError) as e:  # urllib's URLError is an OSError
         raise MaskRCNNError(f"cannot download {name} from {url} ({getattr(e, 'reason', e)}); without network, "
                             f"fetch that file elsewhere and put it at {path}") from None
+    finally:
+        socket.setdefaulttimeout(timeout)
     return path
 
 

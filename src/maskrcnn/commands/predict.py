@@ -85,26 +85,11 @@ class InputRecord:
         return self
 
 
-def coco_entries(detections, file_name: str, frame: int | None = None) -> list[dict]:
-    """predictions.json entries for one image/frame, keys in a fixed, readable order."""
-    entries = []
-    for raw in detections.to_coco():
-        entry = {"file_name": file_name}
-        if frame is not None:
-            entry["frame"] = frame
-        for key in ("category_id", "category_name", "bbox", "score", "segmentation"):
-            entry[key] = raw[key]
-        entries.append(entry)
-    return entries
-
-
-def count_rows(entries: list[dict], frame: int | None = None) -> list[list]:
-    """counts.csv rows for one image/frame; an image with nothing in it still gets a row (count 0)."""
-    per_class = Counter(e["category_name"] for e in entries)
+def count_rows(detections, frame: int | None = None) -> list[list]:
+    """counts.csv rows for one image/frame (`Detections.counts` order); an image with nothing in it still
+    gets a row (count 0)."""
     frame_cell = "" if frame is None else frame
-    if not per_class:
-        return [[frame_cell, "", 0]]
-    return [[frame_cell, name, count] for name, count in per_class.items()]
+    return [[frame_cell, name, count] for name, count in detections.counts().items()] or [[frame_cell, "", 0]]
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -187,8 +172,8 @@ def _write_image_outputs(record: InputRecord, result, image, out: Path, args) ->
     from ..viz import save_png
 
     result.file_name = record.file_name
-    record.entries = coco_entries(result, record.file_name)
-    record.counts = count_rows(record.entries)
+    record.entries = result.to_coco()
+    record.counts = count_rows(result)
     if not args.no_overlay:
         path = out / f"{record.output_name}.png"
         with _writing(path):  # draw() stretches 16-bit and float pixels for display itself.
@@ -213,9 +198,8 @@ def _predict_video(predictor, item: InputItem, out: Path, args, progress: bool) 
         with _writing(overlay) if overlay else contextlib.nullcontext():
             for frame_index, _, detections in predict_video(predictor, item.path, overlay_path=overlay,
                                                             progress=progress):
-                entries = coco_entries(detections, str(item.path), frame=frame_index)
-                record.entries.extend(entries)
-                record.counts.extend(count_rows(entries, frame=frame_index))
+                record.entries.extend(detections.to_coco(frame=frame_index))
+                record.counts.extend(count_rows(detections, frame=frame_index))
     except (MaskRCNNError, MemoryError, RuntimeError) as error:
         if isinstance(error, RuntimeError) and not is_out_of_memory(error):
             raise

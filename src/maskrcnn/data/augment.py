@@ -21,14 +21,19 @@ import torch.nn.functional as F
 PER_INSTANCE_KEYS = ("boxes", "labels", "masks")
 
 
-def seeded_generator(*keys: int) -> torch.Generator:
-    """A generator determined by a tuple of integers (e.g. seed, epoch, index), well mixed.
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed determined by a tuple of integers (e.g. seed, epoch, index), well mixed.
 
     Mixing through numpy's SeedSequence keeps nearby tuples like (0, 1, 2) and (0, 2, 1) unrelated.
     """
     words = np.random.SeedSequence([int(key) % 2**64 for key in keys]).generate_state(2, dtype=np.uint32)
+    return ((int(words[0]) << 32) | int(words[1])) & (2**63 - 1)
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded with `derive_seed(*keys)`."""
     generator = torch.Generator()
-    generator.manual_seed((int(words[0]) << 32) | int(words[1]))
+    generator.manual_seed(derive_seed(*keys))
     return generator
 
 
@@ -283,5 +288,5 @@ class AspectRatioGroupedBatches:
 
 __all__ = [
     "AspectRatioGroupedBatches", "Compose", "LargeScaleJitter", "RandomHorizontalFlip", "ResizeShortestSide",
-    "drop_vanished_instances", "masks_to_boxes", "resize", "seeded_generator",
+    "derive_seed", "drop_vanished_instances", "masks_to_boxes", "resize", "seeded_generator",
 ]

@@ -36,7 +36,7 @@ from ..errors import MaskRCNNError
 from ..files import write_text_atomic
 from ..masks import MaskCrops
 from ..modeling.model import MaskRCNN
-from ..results import encode_rle, mask_pixels
+from ..results import coco_results, encode_rle, mask_pixels
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES = ("bbox", "segm")
@@ -264,15 +264,8 @@ def _to_coco(output: dict, image_id: int, image_size, category_ids, mask_thresho
             # COCO masks must be at the annotated image size, or IoUs are meaningless (pycocotools raises).
             raise ValueError(f"model returned {tuple(masks.shape[-2:])} masks for a {tuple(image_size)} image")
         rles = encode_rle(mask_pixels(masks, mask_threshold))
-    results = []
-    for i in range(len(boxes)):
-        x1, y1, x2, y2 = (float(v) for v in boxes[i])
-        result = {"image_id": int(image_id), "category_id": int(category_ids[int(labels[i])]),
-                  "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(scores[i])}
-        if rles is not None:
-            result["segmentation"] = rles[i]
-        results.append(result)
-    return results
+    return coco_results(boxes, labels, scores, rles, category_ids=category_ids, fields={"image_id": int(image_id)},
+                        exact=True)
 
 
 def predict_dataset(model, dataset, *, category_ids, batch_size: int = 1, mask_threshold: float = 0.5,

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..modeling.fpn import pooled_levels
 from ..modeling.transform import rescale_boxes
 from ..viz import class_color, draw_detections, instance_colors, save_png, to_display_uint8
 
@@ -28,8 +29,8 @@ def stage_outputs(model, image: torch.Tensor) -> dict:
     anchors = rpn.anchor_generator(batch.shape[-2:], [f.shape[-2:] for f in features], batch.device)
     cand_boxes, cand_scores, levels = rpn.candidates(logits, deltas, anchors)
     proposals, proposal_scores = rpn.suppress(cand_boxes[0], cand_scores[0], levels, size)
-    detections = model.detect_boxes(features[:4], [proposals], sizes)
-    model.predict_masks(features[:4], detections, sizes)
+    detections = model.detect_boxes(pooled_levels(features), [proposals], sizes)
+    model.predict_masks(pooled_levels(features), detections, sizes)
     det = detections[0]
     final = model.to_input_pixels(det, size, original)
 

@@ -13,17 +13,12 @@ iteration on, and N processes with B images each sample exactly what one process
 
 from __future__ import annotations
 
-import numpy as np
 import torch
+
+from ..data.augment import derive_seed
 
 # Independent random streams derived from the one run seed (see the module docstring).
 _DATA_ORDER, _AUGMENT, _SAMPLING, _STEP, _INIT = 1, 2, 3, 4, 5
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed determined by a tuple of integers; nearby tuples give unrelated seeds."""
-    words = np.random.SeedSequence([int(k) % 2**64 for k in keys]).generate_state(2, dtype=np.uint32)
-    return ((int(words[0]) << 32) | int(words[1])) & (2**63 - 1)
 
 
 def sampling_generators(seed: int, iteration: int, positions: range, device: torch.device) -> list[torch.Generator]:

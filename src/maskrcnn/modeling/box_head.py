@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import ConvNormAct, full_precision
+from .layers import ConvNormAct, full_precision, init_relu_convs, make_norm
 
 
 class MLPBoxHead(nn.Module):
@@ -19,8 +19,8 @@ class MLPBoxHead(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(in_channels * pooled_size ** 2, hidden)
         self.fc2 = nn.Linear(hidden, hidden)
-        self.norm1 = _vector_norm(norm, hidden)
-        self.norm2 = _vector_norm(norm, hidden)
+        self.norm1 = make_norm(norm, hidden, vector=True)
+        self.norm2 = make_norm(norm, hidden, vector=True)
         self.out_features = hidden
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,16 +51,6 @@ class SplitMLPBoxHead(nn.Module):
         return self.classification(x), self.regression(x)
 
 
-def _vector_norm(kind: str | None, features: int) -> nn.Module | None:
-    if kind is None or kind == "none":
-        return None
-    if kind == "bn":
-        return nn.BatchNorm1d(features)
-    if kind == "gn":
-        return nn.GroupNorm(32, features)
-    raise ValueError(f"unknown normalisation {kind!r} for the mlp box head; choose 'bn', 'gn' or None")
-
-
 class ConvFCBoxHead(nn.Module):
     """Four 3x3 convs with normalisation, then one fully connected layer (the "v2" head, Li et al. 2021)."""
 
@@ -71,11 +61,7 @@ class ConvFCBoxHead(nn.Module):
                                                  norm=norm) for i in range(num_convs)))
         self.fc = nn.Linear(conv_channels * pooled_size ** 2, hidden)
         self.out_features = hidden
-        for m in self.convs.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_relu_convs(self.convs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.fc(self.convs(x).flatten(1)))

@@ -8,6 +8,14 @@ from torch import nn
 
 from .layers import ConvNormAct
 
+# How many of the FPN's outputs RoIAlign pools from: P2..P5; P6 only feeds the RPN.
+POOLED_LEVELS = 4
+
+
+def pooled_levels(features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The levels the box and mask heads pool from: [P2..P6] -> [P2..P5]."""
+    return features[:POOLED_LEVELS]
+
 
 class FPN(nn.Module):
     def __init__(self, in_channels: list[int], out_channels: int = 256, norm: str | None = None):

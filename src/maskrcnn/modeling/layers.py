@@ -127,16 +127,29 @@ def full_precision(layers: nn.Module | tuple[nn.Module, ...], x: torch.Tensor):
     return layers(x)
 
 
-def make_norm(kind: str | None, channels: int) -> nn.Module | None:
-    """`frozen_bn` for fine-tuning, `bn` for large batches, `gn` (32 groups) for training from scratch."""
+def init_relu_convs(module: nn.Module) -> None:
+    """He-normal (fan_out) weights and zero biases for every Conv2d in `module`, for convs followed by ReLU
+    (the box and mask heads)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def make_norm(kind: str | None, channels: int, vector: bool = False) -> nn.Module | None:
+    """`frozen_bn` for fine-tuning, `bn` for large batches, `gn` (32 groups) for training from scratch.
+    `vector=True` normalises (N, C) features, those of the mlp box head: `bn` is BatchNorm1d, no `frozen_bn`."""
     if kind is None or kind == "none":
         return None
-    if kind == "frozen_bn":
+    if kind == "frozen_bn" and not vector:
         return FrozenBatchNorm2d(channels)
     if kind == "bn":
-        return nn.BatchNorm2d(channels)
+        return nn.BatchNorm1d(channels) if vector else nn.BatchNorm2d(channels)
     if kind == "gn":
         return nn.GroupNorm(32, channels)
+    if vector:
+        raise ValueError(f"unknown normalisation {kind!r} for the mlp box head; choose 'bn', 'gn' or None")
     raise ValueError(f"unknown normalisation {kind!r}; choose one of {NORMS}")
 
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from .fpn import pooled_levels
 from .matching import BACKGROUND, IGNORED, match_boxes, sample_balanced
 from .rpn import RPNOutputs
 
@@ -39,14 +40,15 @@ def training_losses(model, images: list[torch.Tensor], targets: list[dict],
     cfg = model.config
     samples = [sample_proposals(p.detach(), t, cfg, g) for p, t, g in zip(proposals, targets, generators)]
     boxes = [s["boxes"] for s in samples]
-    pooled = model.box_pooler(features[:4], boxes, sizes)
+    pooled_from = pooled_levels(features)
+    pooled = model.box_pooler(pooled_from, boxes, sizes)
     class_logits, box_deltas = model.box_predictor(model.box_head(pooled))
     sums.update(box_losses(class_logits, box_deltas, samples, model.box_coder))
 
     positive = [_mask_rois(s["labels"], s["gt_index"], cfg.mask_rois_per_image) for s in samples]
     pos_boxes = [s["boxes"][p] for s, p in zip(samples, positive)]
     pos_labels = torch.cat([s["labels"][p] for s, p in zip(samples, positive)])
-    mask_logits = model.mask_predictor(model.mask_head(model.mask_pooler(features[:4], pos_boxes, sizes)),
+    mask_logits = model.mask_predictor(model.mask_head(model.mask_pooler(pooled_from, pos_boxes, sizes)),
                                        labels=pos_labels)
     sums["loss_mask"] = mask_loss(mask_logits, samples, positive, targets)
     return _normalise(sums)

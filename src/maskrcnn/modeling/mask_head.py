@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ConvNormAct, full_precision
+from .layers import ConvNormAct, full_precision, init_relu_convs
 
 
 class MaskHead(nn.Module):
@@ -15,11 +15,7 @@ class MaskHead(nn.Module):
         self.convs = nn.Sequential(*(ConvNormAct(in_channels if i == 0 else channels, channels, 3, norm=norm)
                                      for i in range(num_convs)))
         self.out_channels = channels
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_relu_convs(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.convs(x)

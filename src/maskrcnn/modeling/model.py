@@ -16,7 +16,7 @@ from .anchors import AnchorGenerator
 from .backbone import ResNet
 from .box_head import BoxPredictor, ConvFCBoxHead, MLPBoxHead, SplitMLPBoxHead
 from .boxes import BoxCoder
-from .fpn import FPN
+from .fpn import FPN, pooled_levels
 from .layers import folded_norms
 from .mask_head import MaskHead, MaskPredictor
 from .poolers import MultiLevelRoIAlign
@@ -235,7 +235,7 @@ class MaskRCNN(nn.Module):
         with self._autocast(batch.device), folded_norms(reduced):
             features = self.features(batch)
             proposals, _ = self.rpn(features, sizes, batch.shape[-2:])
-            pooled_from = features[:4]
+            pooled_from = pooled_levels(features)
             if reduced:
                 # RoIAlign runs in fp32: convert each level once for both poolers, not per call; the sparse
                 # RoIAlign reads the channels-last maps as they are.
