@@ -8,7 +8,7 @@ from PIL import Image
 
 import maskrcnn
 from maskrcnn.data.images import to_float_tensor
-from maskrcnn.engine.inspect import stage_outputs, write_stage_panels
+from maskrcnn.engine.stage_panels import stage_outputs, write_stage_panels
 
 
 def small_model():

@@ -1,4 +1,5 @@
-"""maskrcnn inspect: PNG panels of each stage of the model for one image."""
+"""maskrcnn inspect: PNG panels of each stage of the model for one image (module named so as not to
+shadow the standard library's `inspect`)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..data.images import read_image
-    from ..engine.inspect import write_stage_panels
+    from ..engine.stage_panels import write_stage_panels
     from ..devices import resolve_device
     from ..weights import load
 
