@@ -367,7 +367,7 @@ def test_pooling_any_number_of_boxes_per_level(fmt, case, pool_graphs):
     features = [torch.rand((1, 8, padded_h // s, padded_w // s), generator=generator) for s in (4, 8, 16, 32)]
     boxes = _square_boxes(sides)
     with torch.no_grad():
-        expected = PoolOnly().pooler(features, [boxes], [(height, width)])
+        expected = PoolOnly().pooler(features, [boxes], [(height, width)], "torchvision")
         actual = pool_graphs[fmt](*features, boxes, torch.tensor(float(height)))
     assert actual.shape == expected.shape == (len(sides), 8, 7, 7)
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)

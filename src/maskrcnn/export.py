@@ -26,6 +26,7 @@ from .files import atomic_path
 from .exported import INPUT_NAMES, METADATA_FORMAT, METADATA_KEY, OUTPUT_NAMES
 from .modeling.fpn import pooled_levels
 from .modeling.model import MaskRCNN
+from .modeling.plan import TORCHVISION
 from .modeling.poolers import level_of_boxes, roi_align
 
 FORMATS = ("onnx", "torchscript")
@@ -54,10 +55,12 @@ class DetectionGraph(nn.Module):
                 max_detections: torch.Tensor):
         m = self.model
         size = image_size.to(torch.float32)
-        features = m.features(image)
+        features = m.features(image, TORCHVISION)  # torchvision's arithmetic, as the fp32 eager model
         proposals = self.proposals(image, features, size)
         boxes, scores, labels = self.detections(pooled_levels(features), proposals, size, score_thresh, max_detections)
-        mask_logits = m.mask_predictor(m.mask_head(self.pool(pooled_levels(features), boxes, m.mask_pooler, size[0])))
+        pooled = self.pool(pooled_levels(features), boxes, m.mask_pooler, size[0])
+        mask_features = m.mask_head(pooled, TORCHVISION.norms)
+        mask_logits = m.mask_predictor(mask_features, TORCHVISION.mask_upsampling)  # every class: mask_classes="all"
         picked = mask_logits[torch.arange(labels.shape[0]), labels]
         return boxes, scores, labels, picked.sigmoid()
 
@@ -93,7 +96,7 @@ class DetectionGraph(nn.Module):
         m = self.model
         c = m.config
         pooled = self.pool(features, proposals, m.box_pooler, size[0])
-        class_logits, box_deltas = m.box_predictor(m.box_head(pooled))
+        class_logits, box_deltas = m.box_predictor(m.box_head(pooled, TORCHVISION.norms))
         boxes = _clip(m.box_coder.decode(box_deltas, proposals), size)[:, 1:].reshape(-1, 4)
         scores = torch.softmax(class_logits, -1)[:, 1:].reshape(-1)
         # Candidate i is (proposal i // (classes - 1), class i % (classes - 1) + 1), as in the eager code.
@@ -124,7 +127,7 @@ class DetectionGraph(nn.Module):
             idx = torch.where(levels == level)[0]
             scaled = boxes[idx] * 2.0 ** log_scales[level]
             rois = torch.cat((torch.zeros_like(scaled[:, :1]), scaled), dim=1)
-            pooled.append(roi_align(feature, rois, s, 1.0, pooler.sampling_ratio))
+            pooled.append(roi_align(feature, rois, s, 1.0, pooler.sampling_ratio, TORCHVISION.roi_align))
             order.append(idx)
         # torch.cat(order) lists the boxes level by level; its argsort puts each result back at its box.
         return torch.cat(pooled)[torch.argsort(torch.cat(order))]

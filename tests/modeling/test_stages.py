@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -79,7 +80,7 @@ def test_frozen_batchnorm_matches_eval_batchnorm():
 def test_resnet_feature_strides_and_channels():
     for depth, channels in ((18, [64, 128, 256, 512]), (50, [256, 512, 1024, 2048])):
         net = ResNet(depth).eval()
-        feats = net(torch.rand(1, 3, 64, 96))
+        feats = net(torch.rand(1, 3, 64, 96), "separate")
         assert [f.shape[1] for f in feats] == channels == net.out_channels
         assert [f.shape[-2:] for f in feats] == [(16, 24), (8, 12), (4, 6), (2, 3)]
 
@@ -213,8 +214,9 @@ def test_training_roi_align_matches_torchvision(ratio):
     rois = torch.cat((torch.randint(0, 2, (40, 1), generator=g).float(), boxes), 1)
     grads = []
     # ours on NCHW and on channels-last maps (training runs channels-last on CPU)
-    for fn, layout in ((reference, torch.contiguous_format), (roi_align, torch.contiguous_format),
-                       (roi_align, torch.channels_last)):
+    sparse = functools.partial(roi_align, kernel="sparse")
+    for fn, layout in ((reference, torch.contiguous_format), (sparse, torch.contiguous_format),
+                       (sparse, torch.channels_last)):
         x = feats.clone().contiguous(memory_format=layout).requires_grad_(True)
         out = fn(x, rois, 7, 0.25, ratio)
         out.backward(torch.arange(out.numel(), dtype=torch.float32).reshape(out.shape) % 7 - 3)
@@ -246,8 +248,6 @@ def test_pooling_map_has_one_entry_per_touched_cell():
 
 
 def test_folded_norms_give_the_same_features():
-    from maskrcnn.modeling.layers import folded_norms
-
     torch.manual_seed(0)
     net = ResNet(50, norm="frozen_bn").eval()
     for m in net.modules():
@@ -257,12 +257,11 @@ def test_folded_norms_give_the_same_features():
             m.weight.uniform_(0.5, 1.5)
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        plain = net(x)
-        with folded_norms():
-            folded = net(x)
-            net.layer1[0].bn1.running_var.mul_(2)  # changed statistics must rebuild the folded weights
-            refolded = net(x)
-        changed = net(x)
+        plain = net(x, "separate")
+        folded = net(x, "cached")
+        net.layer1[0].bn1.running_var.mul_(2)  # changed statistics must rebuild the folded weights
+        refolded = net(x, "cached")
+        changed = net(x, "separate")
     for a, b in zip(plain, folded):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item())
     assert not torch.allclose(folded[0], refolded[0])
@@ -283,7 +282,7 @@ def test_frozen_norm_folded_in_training_gives_the_same_outputs_and_gradients():
     norm.bias.uniform_(-0.5, 0.5)
     x = torch.randn(2, 4, 9, 11)
     results = []
-    for fn in (lambda inp: norm(conv(inp)), lambda inp: conv_norm(conv, norm, inp)):
+    for fn in (lambda inp: norm(conv(inp)), lambda inp: conv_norm(conv, norm, inp, "autograd")):
         conv.weight.grad = None
         inp = x.clone().requires_grad_(True)
         out = fn(inp)
@@ -305,7 +304,7 @@ def test_training_roi_align_under_bf16_autocast_keeps_dtypes():
     feats = torch.randn(1, 16, 32, 32, generator=g).to(torch.bfloat16).requires_grad_(True)
     rois = torch.tensor([[0.0, 4.0, 4.0, 60.0, 90.0], [0.0, 30.0, 10.0, 31.0, 100.0]])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = roi_align(feats, rois, 14, 0.25, 2)
+        out = roi_align(feats, rois, 14, 0.25, 2, "sparse")
     expected = reference(feats.detach().float(), rois, 14, 0.25, 2)
     assert out.dtype == torch.bfloat16 and out.shape == expected.shape
     assert torch.allclose(out.float(), expected, atol=0.05, rtol=0.02)
@@ -325,9 +324,9 @@ def test_mask_predictor_training_path_equals_the_all_class_convolutions():
     x = torch.randn(6, 16, 14, 14)
     labels = torch.tensor([0, 4, 2, 2, 1, 3])
     with torch.no_grad():
-        every_class = predictor(x)
+        every_class = predictor(x, "transposed")
     assert every_class.shape == (6, 5, 28, 28)
-    selected = predictor(x.requires_grad_(True), labels=labels)
+    selected = predictor(x.requires_grad_(True), "pixel_shuffle", labels=labels)
     assert selected.shape == (6, 28, 28)
     assert torch.allclose(selected, every_class[torch.arange(6), labels], atol=1e-5)
     selected.sum().backward()
@@ -370,9 +369,9 @@ def test_mask_predictor_detected_class_logits_on_channels_last_input():
     x = torch.randn(6, 16, 14, 14)
     labels = torch.tensor([0, 4, 2, 2, 1, 3])
     with torch.no_grad():
-        every = predictor(x)[torch.arange(6), labels]
-        plain = predictor(x, labels=labels)
-        channels_last = predictor(x.contiguous(memory_format=torch.channels_last), labels=labels)
+        every = predictor(x, "transposed")[torch.arange(6), labels]
+        plain = predictor(x, "transposed", labels=labels)
+        channels_last = predictor(x.contiguous(memory_format=torch.channels_last), "transposed", labels=labels)
     assert torch.allclose(every, plain, atol=1e-5)
     assert torch.allclose(every, channels_last, atol=1e-5)
 
@@ -383,7 +382,7 @@ def test_mask_predictor_training_path_takes_zero_rois():
 
     predictor = MaskPredictor(16, 5, 8)
     x = torch.zeros(0, 16, 14, 14, requires_grad=True)
-    out = predictor(x, labels=torch.zeros(0, dtype=torch.int64))
+    out = predictor(x, "pixel_shuffle", labels=torch.zeros(0, dtype=torch.int64))
     assert out.shape == (0, 28, 28)
     (out.sum() * 0).backward()
     assert predictor.upsample.weight.grad is not None and predictor.logits.weight.grad is not None
@@ -405,9 +404,9 @@ def test_sampling_ratios_reach_the_poolers():
     for pooler, size, ratio in ((model.box_pooler, 7, 4), (model.mask_pooler, 14, 3)):
         expected = reference(features[0], rois, size, 0.25, ratio)
         assert not torch.allclose(expected, reference(features[0], rois, size, 0.25, 2), atol=1e-3)
-        assert torch.allclose(pooler(features, boxes, [(256, 256)]), expected, atol=1e-6)
+        assert torch.allclose(pooler(features, boxes, [(256, 256)], "torchvision"), expected, atol=1e-6)
         trainable = [f.clone().requires_grad_(True) for f in features]
-        assert torch.allclose(pooler(trainable, boxes, [(256, 256)]), expected, atol=1e-5)
+        assert torch.allclose(pooler(trainable, boxes, [(256, 256)], "sparse"), expected, atol=1e-5)
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="box_sampling_ratio"):
             build_model("resnet18_fpn", 3, box_sampling_ratio=bad)
@@ -429,7 +428,9 @@ def test_mlp_box_head_norm_is_batchnorm_after_each_layer():
         stats = [(n.running_mean.clone(), n.running_var.clone()) for n in (n1, n2)]
         h = F.batch_norm(head.fc1(x.flatten(1)), *stats[0], n1.weight, n1.bias, training, 0.1, n1.eps)
         h = F.batch_norm(head.fc2(h.relu()), *stats[1], n2.weight, n2.bias, training, 0.1, n2.eps)
-        assert torch.allclose(head(x), h.relu(), atol=1e-6)
+        class_features, box_features = head(x, "separate")
+        assert class_features is box_features  # a shared head: one tensor for both predictions
+        assert torch.allclose(class_features, h.relu(), atol=1e-6)
     with pytest.raises(ValueError, match="mlp box head"):
         MLPBoxHead(8, 3, 16, norm="frozen_bn")
 
@@ -444,17 +445,17 @@ def test_split_box_head_gives_each_task_its_own_layers():
                         mask_head_channels=16).eval()
     head, predictor = model.box_head, model.box_predictor
     x = torch.randn(6, 16, 7, 7)
-    logits, deltas = predictor(head(x))
+    logits, deltas = predictor(head(x, "separate"))
     assert logits.shape == (6, 5) and deltas.shape == (6, 20)
-    assert torch.allclose(logits, predictor.class_logits(head.classification(x)), atol=1e-6)
-    assert torch.allclose(deltas, predictor.box_deltas(head.regression(x)), atol=1e-6)
+    assert torch.allclose(logits, predictor.class_logits(head.classification(x, "separate")[0]), atol=1e-6)
+    assert torch.allclose(deltas, predictor.box_deltas(head.regression(x, "separate")[1]), atol=1e-6)
     with torch.no_grad():
         head.regression.fc1.weight.mul_(3.0)
-    logits2, deltas2 = predictor(head(x))
+    logits2, deltas2 = predictor(head(x, "separate"))
     assert torch.equal(logits, logits2) and not torch.allclose(deltas, deltas2)
     # a train-mode pass reaches both branches' weights
     model.train()
-    logits, deltas = predictor(head(x))
+    logits, deltas = predictor(head(x, "autograd"))
     (logits.sum() + deltas.sum()).backward()
     assert head.classification.fc1.weight.grad.abs().sum() > 0
     assert head.regression.fc1.weight.grad.abs().sum() > 0

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..modeling.fpn import pooled_levels
+from ..modeling.plan import TORCHVISION
 from ..modeling.transform import rescale_boxes
 from ..viz import class_color, draw_detections, instance_colors, save_png, to_display_uint8
 
@@ -23,15 +24,15 @@ def stage_outputs(model, image: torch.Tensor) -> dict:
     original = (int(image.shape[-2]), int(image.shape[-1]))
     batch, sizes, _ = model.transform([image])
     size = sizes[0]
-    features = model.features(batch)
+    plan = TORCHVISION  # the fp32 model's arithmetic, whatever model.precision says
+    features = model.features(batch, plan)
     rpn = model.rpn
     logits, deltas = rpn.head(features)
     anchors = rpn.anchor_generator(batch.shape[-2:], [f.shape[-2:] for f in features], batch.device)
     cand_boxes, cand_scores, levels = rpn.candidates(logits, deltas, anchors)
     proposals, proposal_scores = rpn.suppress(cand_boxes[0], cand_scores[0], levels, size)
-    detections = model.detect_boxes(pooled_levels(features), [proposals], sizes)
-    model.predict_masks(pooled_levels(features), detections, sizes)
-    det = detections[0]
+    det = model.detect_boxes(pooled_levels(features), [proposals], sizes, plan)[0]
+    det["mask_probs"] = model.predict_masks(pooled_levels(features), [det["boxes"]], [det["labels"]], sizes, plan)[0]
     final = model.to_input_pixels(det, size, original)
 
     def back(boxes: torch.Tensor) -> np.ndarray:

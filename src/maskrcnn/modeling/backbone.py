@@ -31,10 +31,10 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(in_ch, out_ch, stride, norm)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else conv_norm(self.downsample[0], self.downsample[1], x)
-        out = self.relu(conv_norm(self.conv1, self.bn1, x))
-        out = conv_norm(self.conv2, self.bn2, out)
+    def forward(self, x: torch.Tensor, folding: str) -> torch.Tensor:
+        identity = x if self.downsample is None else conv_norm(self.downsample[0], self.downsample[1], x, folding)
+        out = self.relu(conv_norm(self.conv1, self.bn1, x, folding))
+        out = conv_norm(self.conv2, self.bn2, out, folding)
         out += identity  # in place: one activation-sized allocation fewer (autograd checks it is safe)
         return self.relu(out)
 
@@ -53,11 +53,11 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(in_ch, out_ch, stride, norm)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else conv_norm(self.downsample[0], self.downsample[1], x)
-        out = self.relu(conv_norm(self.conv1, self.bn1, x))
-        out = self.relu(conv_norm(self.conv2, self.bn2, out))
-        out = conv_norm(self.conv3, self.bn3, out)
+    def forward(self, x: torch.Tensor, folding: str) -> torch.Tensor:
+        identity = x if self.downsample is None else conv_norm(self.downsample[0], self.downsample[1], x, folding)
+        out = self.relu(conv_norm(self.conv1, self.bn1, x, folding))
+        out = self.relu(conv_norm(self.conv2, self.bn2, out, folding))
+        out = conv_norm(self.conv3, self.bn3, out, folding)
         out += identity  # in place: one activation-sized allocation fewer (autograd checks it is safe)
         return self.relu(out)
 
@@ -113,10 +113,12 @@ class ResNet(nn.Module):
                 for p in module.parameters():
                     p.requires_grad_(False)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x)))
-        c2 = self.layer1(x)
-        c3 = self.layer2(c2)
-        c4 = self.layer3(c3)
-        c5 = self.layer4(c4)
-        return [c2, c3, c4, c5]
+    def forward(self, x: torch.Tensor, folding: str) -> list[torch.Tensor]:
+        """`folding`: how the fixed-statistics norms are applied (plan.NORM_FOLDING; see layers.conv_norm)."""
+        x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x, folding)))
+        outputs = []
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in stage:
+                x = block(x, folding)
+            outputs.append(x)
+        return outputs  # [c2, c3, c4, c5]

@@ -23,7 +23,14 @@ class MLPBoxHead(nn.Module):
         self.norm2 = make_norm(norm, hidden, vector=True)
         self.out_features = hidden
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, folding: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class features, box features): the same tensor twice, as every box head returns a pair.
+        `folding` is unused (no conv here); every box head takes it."""
+        features = self.vector(x)
+        return features, features
+
+    def vector(self, x: torch.Tensor) -> torch.Tensor:
+        """The one (K, hidden) feature vector per RoI."""
         x = self.fc1(x.flatten(1))
         if self.norm1 is not None:
             x = self.norm1(x)
@@ -39,7 +46,7 @@ class SplitMLPBoxHead(nn.Module):
     In the shared 2-fc head the regression and classification gradients pull one feature vector two
     ways; giving each task its own layers ("decoupled" heads, as in Double-Head R-CNN and YOLOX) made
     the classifier learn faster from scratch (segm AP +0.04 and +0.02 on two training seeds of the
-    shapes recipe, benchmarks/README.md). Returns (class features, box features) for BoxPredictor."""
+    shapes recipe, benchmarks/README.md)."""
 
     def __init__(self, in_channels: int, pooled_size: int = 7, hidden: int = 1024, norm: str | None = None):
         super().__init__()
@@ -47,8 +54,9 @@ class SplitMLPBoxHead(nn.Module):
         self.regression = MLPBoxHead(in_channels, pooled_size, hidden, norm)
         self.out_features = hidden
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.classification(x), self.regression(x)
+    def forward(self, x: torch.Tensor, folding: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class features, box features), for BoxPredictor. `folding` is unused (no conv here)."""
+        return self.classification.vector(x), self.regression.vector(x)
 
 
 class ConvFCBoxHead(nn.Module):
@@ -63,8 +71,13 @@ class ConvFCBoxHead(nn.Module):
         self.out_features = hidden
         init_relu_convs(self.convs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.fc(self.convs(x).flatten(1)))
+    def forward(self, x: torch.Tensor, folding: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class features, box features): the same tensor twice, as every box head returns a pair.
+        `folding`: how a fixed-statistics norm is applied (plan.NORM_FOLDING)."""
+        for conv in self.convs:
+            x = conv(x, folding)
+        features = torch.relu(self.fc(x.flatten(1)))
+        return features, features
 
 
 class BoxPredictor(nn.Module):
@@ -79,8 +92,9 @@ class BoxPredictor(nn.Module):
         nn.init.zeros_(self.class_logits.bias)
         nn.init.zeros_(self.box_deltas.bias)
 
-    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: the box head's features, or (class features, box features) from a split head."""
-        if isinstance(x, tuple):
-            return full_precision(self.class_logits, x[0]), full_precision(self.box_deltas, x[1])
-        return full_precision((self.class_logits, self.box_deltas), x)
+    def forward(self, features: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """features: the box head's (class features, box features); one tensor twice for a shared head."""
+        class_features, box_features = features
+        if class_features is box_features:  # a shared head: converted to fp32 once for both layers
+            return full_precision((self.class_logits, self.box_deltas), class_features)
+        return full_precision(self.class_logits, class_features), full_precision(self.box_deltas, box_features)

@@ -30,13 +30,14 @@ class FPN(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """[C2..C5] -> [P2, P3, P4, P5, P6]; P6 only feeds the RPN (anchors of size 512)."""
-        top = self.lateral[-1](features[-1])
-        outputs = [self.output[-1](top)]
+    def forward(self, features: list[torch.Tensor], folding: str) -> list[torch.Tensor]:
+        """[C2..C5] -> [P2, P3, P4, P5, P6]; P6 only feeds the RPN (anchors of size 512). `folding`: how
+        a fixed-statistics norm is applied (plan.NORM_FOLDING)."""
+        top = self.lateral[-1](features[-1], folding)
+        outputs = [self.output[-1](top, folding)]
         for level in range(len(features) - 2, -1, -1):
-            lateral = self.lateral[level](features[level])
+            lateral = self.lateral[level](features[level], folding)
             top = lateral + F.interpolate(top, size=lateral.shape[-2:], mode="nearest")
-            outputs.insert(0, self.output[level](top))
+            outputs.insert(0, self.output[level](top, folding))
         outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2))
         return outputs

@@ -2,29 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-_FOLD_NORMS = contextvars.ContextVar("fold_norms", default=False)
-
-
-@contextlib.contextmanager
-def folded_norms(enabled: bool = True):
-    """Within this block, inference folds fixed-statistics norms into the convolutions (see conv_norm).
-
-    Off by default: folding is exact in real arithmetic but rounds differently, and on some inputs that
-    moves a box by more than the 0.01 px we promise for torchvision parity. The reduced-precision paths,
-    which give up bit-level parity anyway, turn it on."""
-    token = _FOLD_NORMS.set(enabled)
-    try:
-        yield
-    finally:
-        _FOLD_NORMS.reset(token)
-
 
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm whose statistics and affine terms are constants.
@@ -58,31 +38,35 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def conv_norm(conv: nn.Conv2d, norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-    """norm(conv(x)); inside `folded_norms()`, a fixed-statistics norm is folded into the conv's weights.
+def conv_norm(conv: nn.Conv2d, norm: nn.Module | None, x: torch.Tensor, folding: str) -> torch.Tensor:
+    """norm(conv(x)), computed as `folding` (plan.NORM_FOLDING) says for a fixed-statistics norm.
 
     A frozen (or eval-mode) BatchNorm is an affine map per channel, so it can be absorbed into the conv
-    before it: one pass over the activations instead of two. The folded weights are cached and rebuilt
-    whenever the conv or norm tensors change (e.g. after load_state_dict)."""
+    before it: one pass over the activations instead of two. Folding is exact in real arithmetic but rounds
+    differently, and on some inputs that moves a box by more than the 0.01 px we promise for torchvision
+    parity, so fp32 inference keeps the norm "separate"."""
     if norm is None:
         return conv(x)
     foldable = isinstance(norm, FrozenBatchNorm2d) or (isinstance(norm, nn.BatchNorm2d) and not norm.training
                                                        and norm.track_running_stats)
     if not foldable:
         return norm(conv(x))
-    if torch.is_grad_enabled():
+    if folding == "autograd":
         # Training (fine-tuning with a frozen backbone norm): fold on the fly, through autograd. The conv's
         # weight gradient then passes through one weight-sized multiply, while the two activation-sized
         # passes forward (scale, shift) and the one backward disappear: ~12% of a ResNet-50 step on CPU.
         weight, bias = _fold(conv, norm)
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    if not _FOLD_NORMS.get():
+    if folding == "separate":
         if isinstance(norm, FrozenBatchNorm2d):
             # The same two roundings as norm(conv(x)), so bit for bit the same result, but in place on the
             # conv's fresh output: no second activation-sized allocation (page faults) per layer.
             scale, shift = norm.scale_and_shift()
             return conv(x).mul_(scale.reshape(1, -1, 1, 1)).add_(shift.reshape(1, -1, 1, 1))
         return norm(conv(x))
+    if folding != "cached":
+        raise ValueError(f"unknown norm folding {folding!r}; choose 'separate', 'cached' or 'autograd'")
+    # The folded weights are cached and rebuilt whenever the conv or norm tensors change (load_state_dict).
     weight, bias = _folded(conv, norm)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
@@ -168,6 +152,7 @@ class ConvNormAct(nn.Module):
         if relu:
             self.relu = nn.ReLU(inplace=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = conv_norm(self.conv, getattr(self, "norm", None), x)
+    def forward(self, x: torch.Tensor, folding: str) -> torch.Tensor:
+        """`folding`: how a fixed-statistics norm is applied (plan.NORM_FOLDING; see conv_norm)."""
+        x = conv_norm(self.conv, getattr(self, "norm", None), x, folding)
         return torch.relu_(x) if hasattr(self, "relu") else x

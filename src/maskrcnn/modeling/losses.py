@@ -16,6 +16,7 @@ from torchvision.ops import roi_align
 
 from .fpn import pooled_levels
 from .matching import BACKGROUND, IGNORED, match_boxes, sample_balanced
+from .plan import training_plan
 from .rpn import RPNOutputs
 
 SMOOTH_L1_BETA = 1.0 / 9
@@ -29,11 +30,10 @@ def training_losses(model, images: list[torch.Tensor], targets: list[dict],
     _check_targets(images, targets)
     generators = generators or [None] * len(images)
     batch, sizes, targets = model.transform(images, targets)
-    if batch.device.type == "cpu":
-        # oneDNN's channels-last convolutions train ~1.4x faster than NCHW ones on CPU (forward and
-        # backward; benchmarks/README.md), and RoIAlign reads channels-last feature rows without a copy.
+    plan = training_plan(batch.device.type)
+    if plan.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
-    features = model.features(batch)
+    features = model.features(batch, plan)
     proposals, rpn_out = model.rpn(features, sizes, batch.shape[-2:])
     sums = rpn_losses(model.rpn, rpn_out, targets, generators)
 
@@ -41,15 +41,16 @@ def training_losses(model, images: list[torch.Tensor], targets: list[dict],
     samples = [sample_proposals(p.detach(), t, cfg, g) for p, t, g in zip(proposals, targets, generators)]
     boxes = [s["boxes"] for s in samples]
     pooled_from = pooled_levels(features)
-    pooled = model.box_pooler(pooled_from, boxes, sizes)
-    class_logits, box_deltas = model.box_predictor(model.box_head(pooled))
+    pooled = model.box_pooler(pooled_from, boxes, sizes, plan.roi_align)
+    class_logits, box_deltas = model.box_predictor(model.box_head(pooled, plan.norms))
     sums.update(box_losses(class_logits, box_deltas, samples, model.box_coder))
 
     positive = [_mask_rois(s["labels"], s["gt_index"], cfg.mask_rois_per_image) for s in samples]
     pos_boxes = [s["boxes"][p] for s, p in zip(samples, positive)]
     pos_labels = torch.cat([s["labels"][p] for s, p in zip(samples, positive)])
-    mask_logits = model.mask_predictor(model.mask_head(model.mask_pooler(pooled_from, pos_boxes, sizes)),
-                                       labels=pos_labels)
+    # plan.mask_classes is "detected": the logits of each positive's true class only
+    mask_features = model.mask_head(model.mask_pooler(pooled_from, pos_boxes, sizes, plan.roi_align), plan.norms)
+    mask_logits = model.mask_predictor(mask_features, plan.mask_upsampling, labels=pos_labels)
     sums["loss_mask"] = mask_loss(mask_logits, samples, positive, targets)
     return _normalise(sums)
 

@@ -17,8 +17,11 @@ class MaskHead(nn.Module):
         self.out_channels = channels
         init_relu_convs(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.convs(x)
+    def forward(self, x: torch.Tensor, folding: str) -> torch.Tensor:
+        """`folding`: how a fixed-statistics norm is applied (plan.NORM_FOLDING)."""
+        for conv in self.convs:
+            x = conv(x, folding)
+        return x
 
 
 class MaskPredictor(nn.Module):
@@ -33,11 +36,11 @@ class MaskPredictor(nn.Module):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, upsampling: str, labels: torch.Tensor | None = None) -> torch.Tensor:
         """(K, C, 14, 14) -> logits for every class (K, classes, 28, 28), or with `labels` (K,) only each
         RoI's own class (K, 28, 28), which is all the training loss needs: one dot product per pixel
-        instead of a classes-wide convolution and its backward."""
-        x = torch.relu(self._upsample(x))
+        instead of a classes-wide convolution and its backward. `upsampling`: plan.MASK_UPSAMPLING."""
+        x = torch.relu(self._upsample(x, upsampling))
         if labels is None:
             return full_precision(self.logits, x)
         weight = self.logits.weight[labels, :, 0, 0].to(x.dtype)  # (K, C)
@@ -48,12 +51,15 @@ class MaskPredictor(nn.Module):
             logits = torch.bmm(weight[:, None, :], x.flatten(2))  # (K, 1, 28*28)
         return logits.reshape(k, h, w) + self.logits.bias[labels, None, None]
 
-    def _upsample(self, x: torch.Tensor) -> torch.Tensor:
-        """The 2x2 stride-2 transposed conv. In training it runs as the equivalent 1x1 conv to 4x the
-        channels + pixel shuffle (the same sums, ~1.6x faster with its backward on CPU); inference keeps
-        the transposed conv so that outputs stay bit-identical to torchvision's. (pixel_shuffle's
-        backward fails on an empty batch, e.g. an image without positives: the transposed conv takes it.)"""
-        if not torch.is_grad_enabled() or len(x) == 0:
+    def _upsample(self, x: torch.Tensor, upsampling: str) -> torch.Tensor:
+        """The 2x2 stride-2 transposed conv. upsampling="pixel_shuffle" (training) runs it as the equivalent
+        1x1 conv to 4x the channels + pixel shuffle (the same sums, ~1.6x faster with its backward on CPU);
+        "transposed" (inference) keeps the transposed conv so that outputs stay bit-identical to
+        torchvision's. (pixel_shuffle's backward fails on an empty batch, e.g. an image without positives:
+        the transposed conv takes it.)"""
+        if upsampling not in ("transposed", "pixel_shuffle"):
+            raise ValueError(f"unknown mask upsampling {upsampling!r}; choose 'transposed' or 'pixel_shuffle'")
+        if upsampling == "transposed" or len(x) == 0:
             return self.upsample(x)
         weight, bias = self.upsample.weight, self.upsample.bias  # (C_in, C_out, 2, 2), (C_out,)
         as_1x1 = weight.permute(1, 2, 3, 0).reshape(-1, weight.shape[0], 1, 1)  # (C_out*4, C_in, 1, 1)

@@ -17,8 +17,8 @@ from .backbone import ResNet
 from .box_head import BoxPredictor, ConvFCBoxHead, MLPBoxHead, SplitMLPBoxHead
 from .boxes import BoxCoder
 from .fpn import FPN, pooled_levels
-from .layers import folded_norms
 from .mask_head import MaskHead, MaskPredictor
+from .plan import PRECISIONS, Plan, inference_plan
 from .poolers import MultiLevelRoIAlign
 from .postprocess import MASK_PASTE_MODES, paste_masks, paste_masks_in_crops, select_detections
 from .rpn import RegionProposalNetwork, RPNConfig, RPNHead
@@ -148,7 +148,7 @@ def model_setting_problems(options: dict) -> list[str]:
 
 
 class MaskRCNN(nn.Module):
-    PRECISIONS = ("fp32", "bf16", "fp16")
+    PRECISIONS = PRECISIONS
     MASK_OUTPUTS = ("image", "crops")
 
     def __init__(self, config: ModelConfig, class_names: list[str] | None = None,
@@ -205,13 +205,11 @@ class MaskRCNN(nn.Module):
             return training_losses(self, images, targets, generators)
         return self.predict(images)
 
-    def features(self, batch: torch.Tensor) -> list[torch.Tensor]:
+    def features(self, batch: torch.Tensor, plan: Plan) -> list[torch.Tensor]:
         """P2..P6 for a normalised, padded batch."""
-        return self.fpn(self.backbone(batch))
+        return self.fpn(self.backbone(batch, plan.norms), plan.norms)
 
     def _autocast(self, device: torch.device):
-        if self.precision not in self.PRECISIONS:
-            raise ValueError(f"precision must be one of {self.PRECISIONS}, got {self.precision!r}")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
@@ -227,56 +225,50 @@ class MaskRCNN(nn.Module):
             raise ValueError(f"masks must be one of {self.MASK_OUTPUTS}, got {masks!r}")
         original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         batch, sizes, _ = self.transform(images)
-        reduced = self.precision != "fp32"
-        if reduced:
-            # Channels-last lets oneDNN / cuDNN run half-width convolutions without a layout reorder around
-            # each one (it rounds differently, which is why fp32 keeps torchvision's NCHW).
+        plan = inference_plan(self.precision)  # fp32: torchvision's arithmetic; bf16 / fp16: the fast paths
+        if plan.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with self._autocast(batch.device), folded_norms(reduced):
-            features = self.features(batch)
+        with self._autocast(batch.device):
+            features = self.features(batch, plan)
             proposals, _ = self.rpn(features, sizes, batch.shape[-2:])
             pooled_from = pooled_levels(features)
-            if reduced:
+            if self.precision != "fp32":
                 # RoIAlign runs in fp32: convert each level once for both poolers, not per call; the sparse
                 # RoIAlign reads the channels-last maps as they are.
                 pooled_from = [f.float() for f in pooled_from]
-            detections = self.detect_boxes(pooled_from, proposals, sizes, exact=not reduced)
-            self.predict_masks(pooled_from, detections, sizes, exact=not reduced)
-        return [self.to_input_pixels(d, size, orig, masks, mask_threshold)
-                for d, size, orig in zip(detections, sizes, original_sizes)]
+            detections = self.detect_boxes(pooled_from, proposals, sizes, plan)
+            mask_probs = self.predict_masks(pooled_from, [d["boxes"] for d in detections],
+                                            [d["labels"] for d in detections], sizes, plan)
+        return [self.to_input_pixels({**d, "mask_probs": p}, size, orig, masks, mask_threshold)
+                for d, p, size, orig in zip(detections, mask_probs, sizes, original_sizes)]
 
     def detect_boxes(self, features: list[torch.Tensor], proposals: list[torch.Tensor],
-                     sizes: list[tuple[int, int]], exact: bool = True) -> list[dict[str, torch.Tensor]]:
-        pooled = self.box_pooler(features, proposals, sizes, exact)
-        class_logits, box_deltas = self.box_predictor(self.box_head(pooled))
+                     sizes: list[tuple[int, int]], plan: Plan) -> list[dict[str, torch.Tensor]]:
+        pooled = self.box_pooler(features, proposals, sizes, plan.roi_align)
+        class_logits, box_deltas = self.box_predictor(self.box_head(pooled, plan.norms))
         c = self.config
         return select_detections(class_logits.float(), box_deltas.float(), proposals, sizes, self.box_coder,
                                  score_thresh=c.score_thresh, nms_thresh=c.nms_thresh,
                                  detections_per_img=c.detections_per_img)
 
-    def predict_masks(self, features: list[torch.Tensor], detections: list[dict],
-                      sizes: list[tuple[int, int]], exact: bool = True) -> None:
-        """Adds `mask_probs` (K, 28, 28): the sigmoid of the detected class's mask logits. exact=False (the
-        reduced-precision path) pools inexactly, runs the mask head channels-last and computes only that class."""
-        boxes = [d["boxes"] for d in detections]
+    def predict_masks(self, features: list[torch.Tensor], boxes: list[torch.Tensor], labels: list[torch.Tensor],
+                      sizes: list[tuple[int, int]], plan: Plan) -> list[torch.Tensor]:
+        """Per image, the mask probabilities (K_i, 28, 28) of its boxes: the sigmoid of the labelled class's
+        mask logits. plan.mask_classes="all" computes every class's logits and picks (as torchvision:
+        bit-identical masks), "detected" only the labelled class's (less work)."""
         if sum(len(b) for b in boxes) == 0:
-            for d in detections:
-                d["mask_probs"] = features[0].new_zeros((0, 28, 28))
-            return
-        labels = torch.cat([d["labels"] for d in detections])
-        pooled = self.mask_pooler(features, boxes, sizes, exact)
-        if not exact:
-            # the mask head's four 3x3 convs are ~20% of a ResNet-50 model's FLOPs: channels-last for them too
+            return [features[0].new_zeros((0, 28, 28)) for _ in boxes]
+        flat_labels = torch.cat(labels)
+        pooled = self.mask_pooler(features, boxes, sizes, plan.roi_align)
+        if plan.mask_head_channels_last:
             pooled = pooled.contiguous(memory_format=torch.channels_last)
-        mask_features = self.mask_head(pooled)
-        if exact:
-            logits = self.mask_predictor(mask_features)  # every class, as torchvision: bit-identical masks
-            logits = logits[torch.arange(len(labels), device=labels.device), labels]
+        mask_features = self.mask_head(pooled, plan.norms)
+        if plan.mask_classes == "all":
+            logits = self.mask_predictor(mask_features, plan.mask_upsampling)
+            logits = logits[torch.arange(len(flat_labels), device=flat_labels.device), flat_labels]
         else:
-            logits = self.mask_predictor(mask_features, labels=labels)  # only the detected class: less work
-        probs = logits.float().sigmoid()
-        for d, p in zip(detections, probs.split([len(b) for b in boxes])):
-            d["mask_probs"] = p
+            logits = self.mask_predictor(mask_features, plan.mask_upsampling, labels=flat_labels)
+        return list(logits.float().sigmoid().split([len(b) for b in boxes]))
 
     def to_input_pixels(self, det: dict, size: tuple[int, int], original: tuple[int, int],
                         masks: str = "image", mask_threshold: float | None = None) -> dict:

@@ -110,12 +110,14 @@ class _SparseRoIAlign(torch.autograd.Function):
 
 
 def roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: int, scale: float,
-              sampling_ratio: int, exact: bool = True) -> torch.Tensor:
+              sampling_ratio: int, kernel: str) -> torch.Tensor:
     """RoIAlign (aligned=False, as in Mask R-CNN's published weights) over (K, 5) rois [image, x1, y1, x2, y2].
-    Inference uses torchvision's kernel (bit-exact parity) unless `exact=False`; CPU training and inexact
-    CPU inference the sparse version above (multithreaded, and free of copies on channels-last maps)."""
-    sparse = features.requires_grad or not exact
-    if sparse and features.device.type == "cpu" and sampling_ratio > 0 and len(rois):
+    kernel="torchvision": torchvision's kernel (bit-exact parity); "sparse" (plan.ROI_ALIGN_KERNELS): the
+    sparse version above where it applies, on CPU with a fixed sampling ratio (multithreaded, and free of
+    copies on channels-last maps), torchvision's elsewhere."""
+    if kernel not in ("torchvision", "sparse"):
+        raise ValueError(f"unknown RoIAlign kernel {kernel!r}; choose 'torchvision' or 'sparse'")
+    if kernel == "sparse" and features.device.type == "cpu" and sampling_ratio > 0 and len(rois):
         return _SparseRoIAlign.apply(features, rois, output_size, scale, sampling_ratio)
     return tv_roi_align(features, rois, output_size, scale, sampling_ratio)
 
@@ -127,14 +129,14 @@ class MultiLevelRoIAlign(nn.Module):
         self.sampling_ratio = sampling_ratio
 
     def forward(self, features: list[torch.Tensor], boxes: list[torch.Tensor],
-                image_sizes: list[tuple[int, int]], exact: bool = True) -> torch.Tensor:
+                image_sizes: list[tuple[int, int]], kernel: str) -> torch.Tensor:
         """features: P2..P5 (N, C, H, W); boxes: per image (K_i, 4) -> (sum K_i, C, S, S).
-        exact=False allows a result that differs from torchvision's in float rounding (see roi_align)."""
+        kernel: "torchvision" or "sparse" (which may differ from torchvision's in float rounding; see roi_align)."""
         max_height = max(h for h, _ in image_sizes)
         scales = [_feature_scale(f.shape[-2], max_height) for f in features]
         rois = torch.cat([torch.cat((torch.full_like(b[:, :1], i), b), dim=1) for i, b in enumerate(boxes)])
         if len(features) == 1:
-            return roi_align(features[0], rois, self.output_size, scales[0], self.sampling_ratio, exact)
+            return roi_align(features[0], rois, self.output_size, scales[0], self.sampling_ratio, kernel)
         min_level = round(-math.log2(scales[0]))
         max_level = round(-math.log2(scales[-1]))
         levels = level_of_boxes(rois[:, 1:], min_level, max_level)
@@ -143,5 +145,5 @@ class MultiLevelRoIAlign(nn.Module):
             idx = torch.where(levels == level)[0]
             if idx.numel():
                 out[idx] = roi_align(feature, rois[idx], self.output_size, scale, self.sampling_ratio,
-                                     exact).to(out.dtype)
+                                     kernel).to(out.dtype)
         return out

@@ -30,7 +30,8 @@ class RPNHead(nn.Module):
         """Per level: objectness (N, H*W*A) and deltas (N, H*W*A, 4), in the anchors' order."""
         logits, deltas = [], []
         for x in features:
-            x = self.conv(x)
+            for conv in self.conv:
+                x = conv(x, "separate")  # no norm in these convs: nothing to fold
             n, _, h, w = x.shape
             a = self.objectness.out_channels
             objectness, box_deltas = full_precision((self.objectness, self.box_deltas), x)
