@@ -27,6 +27,8 @@ MASK_UPSAMPLING = ("transposed", "pixel_shuffle")
 
 @dataclass(frozen=True)
 class Plan:
+    """One value per choice above; the defaults are torchvision's arithmetic (TORCHVISION)."""
+
     norms: str = "separate"
     roi_align: str = "torchvision"
     mask_classes: str = "all"
