@@ -12,6 +12,7 @@ import pickle
 import re
 import socket
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -160,6 +161,15 @@ def _looks_like_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"  # 8-byte little-endian header length, then JSON
 
 
+def _is_torchscript_archive(path: Path) -> bool:
+    """A zip holding compiled code (TorchScript writes `code/` and `constants.pkl`; state dicts have neither)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name or name.endswith("/constants.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def _unreadable(path: Path, error: Exception) -> str:
     """Why torch.load(weights_only=True) refused `path`, in our words: torch's own text advises switching
     that safety off, which would run whatever code the file carries; we never give that advice."""
@@ -193,6 +203,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], M
                 raise MaskRCNNError(f"{path}: damaged maskrcnn metadata ({e})") from None
             return state, config, names, ids
     else:
+        if _is_torchscript_archive(path):  # refused before torch.load, which would hand it to torch.jit.load
+            raise MaskRCNNError(_unreadable(path, RuntimeError("TorchScript archive")))
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
