@@ -61,60 +61,78 @@ def _say(message: str) -> None:
 
 
 def run(args) -> int:
-    import torch
-
-    from ..data.synthetic import make_shapes
-    from ..engine.evaluate import coco_evaluate, format_metrics_table, predict_dataset, write_metrics
-    from ..engine.report import write_report
-    from ..engine.train import TrainConfig, resolve_defaults, train
     from ..devices import resolve_device
-    from ..files import write_text_atomic
 
     started = time.time()
     out = Path(args.out)
     device = str(resolve_device(args.device))
     prepare_out(out, args.fresh)
-    data, run_dir, eval_dir, pred_dir = out / "data", out / "run", out / "eval", out / "predictions"
     progress = not args.no_progress
+    data = _dataset(out / "data", progress)
+    config, iters = _training(args, data, out / "run", device, started, progress)
+    model, val_set, metrics = _evaluation(args, data, out / "run" / "model.safetensors", out / "eval", device,
+                                          progress)
+    overlay_thresh, overlays = _overlays(model, val_set, out, out / "eval" / "predictions.json")
+    _report(out, data, config, iters, model, metrics, overlay_thresh, overlays, device, started)
+    return 0
 
-    # 1. data
-    train_json, val_json = data / "annotations" / "instances_train.json", data / "annotations" / "instances_val.json"
+
+def _annotations(data: Path) -> tuple[Path, Path]:
+    return data / "annotations" / "instances_train.json", data / "annotations" / "instances_val.json"
+
+
+def _dataset(data: Path, progress: bool) -> Path:
+    """1. The synthetic shapes dataset, made once."""
+    from ..data.synthetic import make_shapes
+
+    train_json, val_json = _annotations(data)
     if train_json.is_file() and val_json.is_file():
         _say(f"1/5 dataset: reusing {data}")
     else:
         _say(f"1/5 dataset: writing {NUM_TRAIN} train + {NUM_VAL} val synthetic images to {data}")
         make_shapes(data, num_train=NUM_TRAIN, num_val=NUM_VAL, seed=0, progress=progress)
+    return data
 
-    # 2. training
+
+def _training(args, data: Path, run_dir: Path, device: str, started: float, progress: bool):
+    """2. Training from scratch, sized to the time budget; a finished run is reused, a cut one resumed."""
+    import torch
+
+    from ..engine.train import TrainConfig, resolve_defaults, train
+    from ..files import write_text_atomic
+
+    train_json, val_json = _annotations(data)
     config = TrainConfig(train_annotations=str(train_json), train_images=str(data / "train"),
                          val_annotations=str(val_json), val_images=str(data / "val"), out=str(run_dir),
                          device=device, amp=device.startswith("cuda"), eval_every=None, checkpoint_every=100)
     # bf16 only where the CPU has native bf16 instructions; elsewhere it is emulated and slower than fp32
     config = resolve_defaults(config, torch.device(device))
-    finished = run_dir / "model.safetensors"
-    if finished.is_file():
+    recorded = run_dir / "demo.json"
+    if (run_dir / "model.safetensors").is_file():
         _say(f"2/5 training: reusing the finished run in {run_dir}")
-        iters = json.loads((run_dir / "demo.json").read_text())["iters"] if (run_dir / "demo.json").is_file() else None
+        return config, json.loads(recorded.read_text())["iters"] if recorded.is_file() else None
+    resume = (run_dir / "last.pt").is_file()
+    if resume and recorded.is_file():
+        iters = json.loads(recorded.read_text())["iters"]
     else:
-        resume = (run_dir / "last.pt").is_file()
-        if resume and (run_dir / "demo.json").is_file():
-            iters = json.loads((run_dir / "demo.json").read_text())["iters"]
-        else:
-            iters = args.iters or _iterations_for_budget(config, args.minutes * 60 - (time.time() - started))
-        config.iters, config.epochs = iters, None
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "demo.json").write_text(json.dumps({"iters": iters}))
-        _say(f"2/5 training: {config.arch} from scratch, {iters} iterations of {config.batch_size} images on "
-             f"{device}{' (resuming)' if resume else ''}")
-        train(config, resume=resume, progress=progress)
+        iters = args.iters or _iterations_for_budget(config, args.minutes * 60 - (time.time() - started))
+    config.iters, config.epochs = iters, None
+    write_text_atomic(recorded, json.dumps({"iters": iters}))
+    _say(f"2/5 training: {config.arch} from scratch, {iters} iterations of {config.batch_size} images on "
+         f"{device}{' (resuming)' if resume else ''}")
+    train(config, resume=resume, progress=progress)
+    return config, iters
 
-    # 3. evaluation
+
+def _evaluation(args, data: Path, finished: Path, eval_dir: Path, device: str, progress: bool):
+    """3. COCO AP on the validation images (reused while newer than the weights)."""
     from ..data.coco import CocoDataset
-    from ..predictor import Predictor
+    from ..engine.evaluate import coco_evaluate, format_metrics_table, predict_dataset, write_metrics
+    from ..files import write_text_atomic
     from ..weights import load
 
     model = load(finished, device=device)
-    val_set = CocoDataset(val_json, data / "val")
+    val_set = CocoDataset(_annotations(data)[1], data / "val")
     metrics_path = eval_dir / "metrics.json"
     if metrics_path.is_file() and not args.fresh and metrics_path.stat().st_mtime >= finished.stat().st_mtime:
         _say(f"3/5 evaluation: reusing {metrics_path}")
@@ -128,27 +146,40 @@ def run(args) -> int:
         write_metrics(metrics_path, metrics)
         write_text_atomic(eval_dir / "predictions.json", json.dumps(list(results)))
     print(format_metrics_table(metrics), flush=True)
+    return model, val_set, metrics
 
-    # 4. predictions on held-out images
-    _say(f"4/5 predictions: overlays of {NUM_OVERLAYS} held-out images in {pred_dir}")
-    from ..viz import save_png
+
+def _overlays(model, val_set, out: Path, scored_path: Path) -> tuple[float, list[str]]:
+    """4. Overlays of held-out images."""
     from ..data.images import read_image
+    from ..predictor import Predictor
+    from ..viz import save_png
 
+    pred_dir = out / "predictions"
+    _say(f"4/5 predictions: overlays of {NUM_OVERLAYS} held-out images in {pred_dir}")
     pred_dir.mkdir(parents=True, exist_ok=True)
     # 0.5 as usual; a short run on a slow machine may leave every score below that, and a gallery of
     # empty pictures shows nothing, so then the overlays go down to 0.3 (and the report says so).
-    scored = json.loads((eval_dir / "predictions.json").read_text())
+    scored = json.loads(scored_path.read_text())
     overlay_thresh = 0.5 if any(p["score"] >= 0.5 for p in scored) else 0.3
     predictor = Predictor(model, score_thresh=overlay_thresh)
-    paths = [val_set.image_path(i) for i in range(min(NUM_OVERLAYS, len(val_set)))]
     overlays = []
-    for path in paths:
-        detections = predictor(path)
+    for path in [val_set.image_path(i) for i in range(min(NUM_OVERLAYS, len(val_set)))]:
         overlay = pred_dir / f"{Path(path).stem}.png"
-        save_png(overlay, detections.draw(read_image(path)))
+        save_png(overlay, predictor(path).draw(read_image(path)))
         overlays.append(str(overlay.relative_to(out)))
+    return overlay_thresh, overlays
 
-    # 5. report
+
+def _report(out: Path, data: Path, config, iters, model, metrics, overlay_thresh, overlays, device, started):
+    """5. report.html: figures, curves, overlays and the commands that reproduce each step."""
+    import torch
+
+    from ..engine.report import write_report
+
+    run_dir, eval_dir, pred_dir = out / "run", out / "eval", out / "predictions"
+    finished = run_dir / "model.safetensors"
+    train_json, val_json = _annotations(data)
     report = out / "report.html"
     summary = {
         "dataset": f"{NUM_TRAIN} train / {NUM_VAL} val synthetic images (maskrcnn shapes), {len(model.class_names) - 1} classes",
@@ -175,7 +206,6 @@ def run(args) -> int:
                  curves=str(curves.relative_to(out)) if curves.is_file() else None,
                  overlays=overlays, commands=commands)
     _say(f"5/5 report: {report.resolve()}")
-    return 0
 
 
 def _iterations_for_budget(config, seconds: float) -> int:
