@@ -448,3 +448,18 @@ def test_a_graph_that_fails_while_running_is_one_line(fmt, model, photos, tmp_pa
     lines = stderr.strip().splitlines()
     assert status == 1 and len(lines) == 1, stderr
     assert "photo.png" in lines[0] and path.name in lines[0] and "Traceback" not in stderr
+
+
+def test_exported_model_takes_settings_and_refuses_what_its_graph_fixed(model, exported, photos):
+    """score_thresh and detections_per_img are graph inputs, read from the same InferenceSettings as
+    MaskRCNN.predict; the NMS threshold and the fp32 arithmetic are part of the graph."""
+    runtime = ExportedModel.load(exported["onnx"])
+    image = torch.from_numpy(next(iter(photos.values())).copy()).permute(2, 0, 1).float() / 255
+    settings = model.inference_settings(score_thresh=0.05, detections_per_img=3)
+    assert len(runtime.predict([image], settings=settings)[0]["scores"]) == 3
+    assert len(runtime.predict([image], settings=settings.with_overrides(score_thresh=1.0))[0]["scores"]) == 0
+    with pytest.raises(MaskRCNNError, match=r"tiny\.onnx: the exported graph's NMS threshold is 0\.5; "
+                                            r"it cannot run with nms_thresh 0\.3"):
+        runtime.predict([image], settings=settings.with_overrides(nms_thresh=0.3))
+    with pytest.raises(MaskRCNNError, match="tiny.onnx: exported models run in fp32 only, not bf16"):
+        runtime.predict([image], settings=settings.with_overrides(precision="bf16"))

@@ -197,3 +197,59 @@ def test_other_runtime_errors_are_not_hidden(predictor, image, tmp_path, monkeyp
     monkeypatch.setattr(Predictor, "_run", run)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         list(Predictor(predictor.model).predict_files([tmp_path / "a.png"], progress=False))
+
+
+def test_predictor_passes_its_settings_and_never_touches_the_model(model, image, monkeypatch):
+    """The model's config and precision stay the same *during* a call too: the settings travel with it."""
+    before = (model.config.to_dict(), model.precision)
+    seen = []
+    original = model.detect_boxes
+
+    def spy(*args, **kwargs):
+        seen.append((model.config.to_dict(), model.precision))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "detect_boxes", spy)
+    predictor = Predictor(model, score_thresh=0.9, max_detections=3)
+    predictor(image)
+    assert seen == [before] and (model.config.to_dict(), model.precision) == before
+    assert (predictor.settings.score_thresh, predictor.settings.detections_per_img) == (0.9, 3)
+    assert predictor.settings.nms_thresh == model.config.nms_thresh and predictor.settings.precision == "fp32"
+
+
+def test_two_predictors_on_one_model_from_two_threads_match_sequential(model, image):
+    from concurrent.futures import ThreadPoolExecutor
+
+    strict, loose = Predictor(model, score_thresh=1.0), Predictor(model, max_detections=8)
+    flipped = np.ascontiguousarray(image[:, ::-1])
+    expected = [loose(image), loose(flipped)]
+    assert [len(d) for d in expected] == [8, 8]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        strict_runs = [pool.submit(strict, image) for _ in range(4)]
+        loose_runs = [pool.submit(loose, [image, flipped]) for _ in range(4)]
+        for run in strict_runs:
+            assert len(run.result()) == 0
+        for run in loose_runs:
+            for got, want in zip(run.result(), expected):
+                np.testing.assert_array_equal(got.boxes, want.boxes)
+                np.testing.assert_array_equal(got.scores, want.scores)
+                np.testing.assert_array_equal(got.masks, want.masks)
+
+
+def test_model_predict_takes_settings_per_call(model, image):
+    tensor = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+    default = model.predict([tensor])[0]
+    top2 = model.predict([tensor], settings=model.inference_settings(detections_per_img=2))[0]
+    assert len(default["scores"]) > 2 and len(top2["scores"]) == 2
+    torch.testing.assert_close(top2["boxes"], default["boxes"][:2], rtol=0, atol=0)
+    assert len(model.predict([tensor], settings=model.inference_settings(score_thresh=1.0))[0]["scores"]) == 0
+    assert model.config.detections_per_img == 100 and model.config.score_thresh == 0.05
+
+
+def test_bad_inference_settings_are_refused(model):
+    from maskrcnn.modeling.settings import InferenceSettings
+
+    with pytest.raises(ValueError, match="detections_per_img"):
+        InferenceSettings(detections_per_img=0)
+    with pytest.raises(MaskRCNNError, match="precision must be one of fp32, bf16, fp16, got 'fp64'"):
+        Predictor(model, precision="fp64")

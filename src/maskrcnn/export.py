@@ -171,8 +171,9 @@ def example_inputs(model: MaskRCNN, height: int = 320, width: int = 416) -> tupl
     """Inputs to trace with. Any values do: the graph has no data-dependent branches."""
     generator = torch.Generator().manual_seed(0)
     image = torch.rand((1, 3, height, width), generator=generator)
-    return (image, torch.tensor([height, width]), torch.tensor(model.config.score_thresh, dtype=torch.float32),
-            torch.tensor(model.config.detections_per_img))
+    settings = model.inference_settings()  # the graph inputs ExportedModel feeds from its InferenceSettings
+    return (image, torch.tensor([height, width]), torch.tensor(settings.score_thresh, dtype=torch.float32),
+            torch.tensor(settings.detections_per_img))
 
 
 def export(model: MaskRCNN, path: str | os.PathLike, fmt: str = "onnx") -> Path:

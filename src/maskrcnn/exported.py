@@ -21,6 +21,7 @@ import torch
 
 from .errors import MaskRCNNError
 from .modeling.model import ModelConfig
+from .modeling.settings import InferenceSettings
 from .modeling.postprocess import MASK_PASTE_MODES, crop_bounds, cut_crops
 
 METADATA_KEY = "maskrcnn"            # ONNX metadata_props key and TorchScript extra file name
@@ -103,18 +104,30 @@ class ExportedModel:
         return self.predict(images)
 
     def predict(self, images: list[torch.Tensor], masks: str = "image",
-                mask_threshold: float | None = None) -> list[dict]:
-        """As `MaskRCNN.predict`, masks="crops" included (its arrays as tensors, the crops a list)."""
-        if self.precision != "fp32":
-            raise MaskRCNNError(f"{self.source}: exported models run in fp32 only, not {self.precision}")
-        outputs = [self.detect(image.detach().cpu().numpy(), masks, mask_threshold) for image in images]
+                mask_threshold: float | None = None, settings: InferenceSettings | None = None) -> list[dict]:
+        """As `MaskRCNN.predict`, masks="crops" and `settings` included (its arrays as tensors, the crops a
+        list). The graph takes score_thresh and detections_per_img as inputs; its NMS threshold and fp32
+        arithmetic are part of the graph, so settings that differ there are refused."""
+        settings = self._checked(settings)
+        outputs = [self.detect(image.detach().cpu().numpy(), masks, mask_threshold, settings) for image in images]
         return [{k: [torch.from_numpy(c) for c in v] if isinstance(v, list) else torch.as_tensor(v)
                  for k, v in out.items()} for out in outputs]
 
-    def detect(self, image: np.ndarray, masks: str = "image",
-               mask_threshold: float | None = None) -> dict[str, np.ndarray]:
+    def _checked(self, settings: InferenceSettings | None) -> InferenceSettings:
+        settings = settings or InferenceSettings.defaults_of(self)
+        if settings.precision != "fp32":
+            raise MaskRCNNError(f"{self.source}: exported models run in fp32 only, not {settings.precision}")
+        if settings.nms_thresh != self.config.nms_thresh:
+            raise MaskRCNNError(f"{self.source}: the exported graph's NMS threshold is {self.config.nms_thresh}; "
+                                f"it cannot run with nms_thresh {settings.nms_thresh}")
+        return settings
+
+    def detect(self, image: np.ndarray, masks: str = "image", mask_threshold: float | None = None,
+               settings: InferenceSettings | None = None) -> dict[str, np.ndarray]:
         """One (3, H, W) float image in [0, 1] -> boxes, labels, scores, masks (N, 1, H, W) in its pixels;
-        masks="crops": mask_crops, mask_offsets and image_size instead of masks (see `MaskRCNN.predict`)."""
+        masks="crops": mask_crops, mask_offsets and image_size instead of masks (see `MaskRCNN.predict`);
+        `settings` None: the model's defaults."""
+        settings = self._checked(settings)
         if masks not in ("image", "crops"):
             raise ValueError(f"masks must be 'image' or 'crops', got {masks!r}")
         if image.ndim != 3 or image.shape[0] != 3:
@@ -122,8 +135,8 @@ class ExportedModel:
         height, width = image.shape[-2:]
         batch, size = self.preprocess(image)
         boxes, scores, labels, mask_probs = self._run_graph(
-            batch, np.asarray(size, dtype=np.int64), np.asarray(self.config.score_thresh, dtype=np.float32),
-            np.asarray(self.config.detections_per_img, dtype=np.int64))
+            batch, np.asarray(size, dtype=np.int64), np.asarray(settings.score_thresh, dtype=np.float32),
+            np.asarray(settings.detections_per_img, dtype=np.int64))
         boxes = rescale_boxes(boxes, size, (height, width))
         out = {"boxes": boxes, "labels": labels.astype(np.int64), "scores": scores}
         if masks == "crops":

@@ -19,6 +19,7 @@ from .devices import resolve_device
 from .errors import MaskRCNNError
 from .exported import ExportedModel, is_exported_file
 from .modeling.model import MaskRCNN
+from .modeling.settings import InferenceSettings
 
 if TYPE_CHECKING:
     from .results import Detections
@@ -39,7 +40,9 @@ class Predictor:
     (checkpoints are read as tensors and .onnx files by ONNX Runtime, neither runs code from the file).
     Any model runs in eval mode during our calls and gets its own mode back afterwards.
     `score_thresh`, `max_detections` and `precision` ("fp32", "bf16", "fp16"; None keeps the model's)
-    are applied only during our calls, so a model handed in is left as it was.
+    are fixed here, once, as `self.settings` (an `InferenceSettings`, the model's defaults where None) and
+    passed to the model on each call: the model and its config are never changed, so one model can serve
+    several Predictors with different settings, from several threads.
     `max_pixels` refuses image *files* with more pixels (read from the header, before decoding; None: no
     limit); the default, 64 million, is explained in `maskrcnn predict --help`. Arrays are not checked.
     """
@@ -77,6 +80,11 @@ class Predictor:
         self.score_thresh = score_thresh
         self.max_detections = max_detections
         self.precision = precision
+        try:
+            self.settings = InferenceSettings.defaults_of(self.model).with_overrides(
+                score_thresh=score_thresh, detections_per_img=max_detections, precision=precision)
+        except ValueError as error:
+            raise MaskRCNNError(str(error)) from None
         self.mask_threshold = mask_threshold
         self.batch_size = batch_size
         self.max_pixels = max_pixels
@@ -185,10 +193,10 @@ class Predictor:
         if not tensors:
             return []
         device = self.device
-        with torch.inference_mode(), self._settings_applied():
+        with torch.inference_mode(), self._eval_mode():
             # Masks pasted into their crops only: memory follows the objects, not image size x detections.
             outputs = self.model.predict([t.to(device) for t in tensors], masks="crops",
-                                         mask_threshold=self.mask_threshold)
+                                         mask_threshold=self.mask_threshold, settings=self.settings)
         return [
             Detections.from_model_output(out, self.model.class_names, self.model.category_ids,
                                          mask_threshold=self.mask_threshold, file_name=name)
@@ -196,24 +204,17 @@ class Predictor:
         ]
 
     @contextlib.contextmanager
-    def _settings_applied(self):
-        """Eval mode and our settings for the duration of a call only, so a model the caller handed us
-        (and may use elsewhere) is left as we found it."""
-        config = self.model.config
-        previous = (config.score_thresh, config.detections_per_img, self.model.precision)
+    def _eval_mode(self):
+        """Eval mode for the duration of a call only, so a model the caller handed us in training mode
+        gets it back (a model already in eval mode, as `load` returns it, is not changed at all)."""
         was_training = self.model.training
-        self.model.eval()
-        if self.precision is not None:
-            self.model.precision = self.precision
-        if self.score_thresh is not None:
-            config.score_thresh = self.score_thresh
-        if self.max_detections is not None:
-            config.detections_per_img = self.max_detections
+        if was_training:
+            self.model.eval()
         try:
             yield
         finally:
-            config.score_thresh, config.detections_per_img, self.model.precision = previous
-            self.model.train(was_training)
+            if was_training:
+                self.model.train()
 
 
 def is_out_of_memory(error: BaseException) -> bool:

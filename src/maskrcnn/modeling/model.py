@@ -22,13 +22,26 @@ from .plan import PRECISIONS, Plan, inference_plan
 from .poolers import MultiLevelRoIAlign
 from .postprocess import MASK_PASTE_MODES, paste_masks, paste_masks_in_crops, select_detections
 from .rpn import RegionProposalNetwork, RPNConfig, RPNHead
+from .settings import InferenceSettings
 from .transform import ImageTransform, rescale_boxes
 
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild a model; saved inside our checkpoints."""
+    """Everything needed to rebuild a model; saved inside our checkpoints (the field names are the stored
+    format: old checkpoints must keep loading, so fields are never renamed).
 
+    Three kinds of fields, grouped below:
+    - architecture: defined by the weights; changing one needs other weights (or breaks loading);
+    - training only: sampling and loss choices, read by `training_losses`, ignored when predicting;
+    - inference defaults: what `MaskRCNN.predict` uses when no `InferenceSettings` is passed.
+      score_thresh, nms_thresh and detections_per_img (with `MaskRCNN.precision`) are the defaults of
+      `InferenceSettings`, overridable per call; min_size / max_size (input resizing), mask_paste and
+      rpn.pre/post_nms_top_n_test, rpn.nms_thresh, rpn.min_size, rpn.score_thresh are set per model
+      (`maskrcnn.load(..., mask_paste=, proposals=)`); the RPN's *_train and sampling fields are training only.
+    """
+
+    # --- architecture (defined by the weights)
     depth: int = 50
     num_classes: int = 91
     backbone_norm: str = "frozen_bn"     # frozen_bn (fine-tuning) | bn | gn (training from scratch)
@@ -43,22 +56,27 @@ class ModelConfig:
     box_sampling_ratio: int = 2          # RoIAlign sample points per bin side for the box head (torchvision: 2)
     mask_sampling_ratio: int = 2         # the same for the mask head
     mask_head_channels: int = 256
+    # --- inference defaults set per model (input resizing; a tuple of min_size: random choice in training)
     min_size: int | tuple[int, ...] = 800
     max_size: int = 1333
+    # --- architecture: the normalisation and anchors the weights were trained with
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
-    rpn: RPNConfig = field(default_factory=RPNConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)  # mixed: *_test per-model inference defaults, the rest training
+    # --- training only
     box_fg_iou_thresh: float = 0.5
     box_bg_iou_thresh: float = 0.5
     box_batch_size_per_image: int = 512
     box_positive_fraction: float = 0.25
     mask_rois_per_image: int | None = None  # training: mask loss on at most this many positives (None: all)
     gt_jitter_copies: int = 0            # training: jittered copies of each ground-truth box join the proposals
+    # --- inference defaults, overridable per call with InferenceSettings
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100
+    # --- inference default set per model
     mask_paste: str = "torchvision"      # torchvision (bit-parity) | exact (sub-pixel; postprocess.paste_masks)
 
     def to_dict(self) -> dict:
@@ -159,9 +177,9 @@ class MaskRCNN(nn.Module):
         if problems:
             raise ValueError("; ".join(problems))
         self.config = c
-        # Inference arithmetic: "fp32" reproduces torchvision; "bf16" (CPU or GPU) and "fp16" (GPU) run the
-        # convolutions and matmuls in half width under autocast, while box decoding, NMS and mask pasting
-        # stay in fp32.
+        # Default inference arithmetic (InferenceSettings.precision overrides it per call): "fp32" reproduces
+        # torchvision; "bf16" (CPU or GPU) and "fp16" (GPU) run the convolutions and matmuls in half width
+        # under autocast, while box decoding, NMS and mask pasting stay in fp32.
         self.precision = "fp32"
         self.class_names = class_names or ["__background__"] + [f"class_{i}" for i in range(1, c.num_classes)]
         self.category_ids = category_ids or list(range(c.num_classes))
@@ -209,47 +227,59 @@ class MaskRCNN(nn.Module):
         """P2..P6 for a normalised, padded batch."""
         return self.fpn(self.backbone(batch, plan.norms), plan.norms)
 
-    def _autocast(self, device: torch.device):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+    def inference_settings(self, **overrides) -> InferenceSettings:
+        """This model's default InferenceSettings (its config's thresholds and `precision`), with any
+        non-None `overrides` (score_thresh, nms_thresh, detections_per_img, precision) applied."""
+        return InferenceSettings.defaults_of(self).with_overrides(**overrides)
+
+    @staticmethod
+    def _autocast(device: torch.device, precision: str):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
     @torch.no_grad()
     def predict(self, images: list[torch.Tensor], masks: str = "image",
-                mask_threshold: float | None = None) -> list[dict]:
-        """What eval-mode `forward` returns. masks="crops" pastes each mask only into the part of the image it
-        can cover: instead of `masks` (N, 1, H, W), `mask_crops` (a list of N (h_i, w_i) probability tensors,
-        0 outside them), `mask_offsets` (N, 2) int64 (row, column of each crop's top-left pixel) and
-        `image_size` (H, W); the same values, for the crops' memory instead of N x H x W floats. With a
-        `mask_threshold` the crops are boolean (probability >= threshold) as soon as each is pasted."""
+                mask_threshold: float | None = None,
+                settings: InferenceSettings | None = None) -> list[dict]:
+        """What eval-mode `forward` returns. `settings` (score threshold, NMS threshold, detections per
+        image, precision) apply to this call only; None: the model's defaults (`inference_settings()`).
+        masks="crops" pastes each mask only into the part of the image it can cover: instead of `masks`
+        (N, 1, H, W), `mask_crops` (a list of N (h_i, w_i) probability tensors, 0 outside them),
+        `mask_offsets` (N, 2) int64 (row, column of each crop's top-left pixel) and `image_size` (H, W);
+        the same values, for the crops' memory instead of N x H x W floats. With a `mask_threshold` the crops
+        are boolean (probability >= threshold) as soon as each is pasted."""
         if masks not in self.MASK_OUTPUTS:
             raise ValueError(f"masks must be one of {self.MASK_OUTPUTS}, got {masks!r}")
         original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         batch, sizes, _ = self.transform(images)
-        plan = inference_plan(self.precision)  # fp32: torchvision's arithmetic; bf16 / fp16: the fast paths
+        settings = settings or self.inference_settings()
+        plan = inference_plan(settings.precision)  # fp32: torchvision's arithmetic; bf16 / fp16: the fast paths
         if plan.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with self._autocast(batch.device):
+        with self._autocast(batch.device, settings.precision):
             features = self.features(batch, plan)
             proposals, _ = self.rpn(features, sizes, batch.shape[-2:])
             pooled_from = pooled_levels(features)
-            if self.precision != "fp32":
+            if settings.precision != "fp32":
                 # RoIAlign runs in fp32: convert each level once for both poolers, not per call; the sparse
                 # RoIAlign reads the channels-last maps as they are.
                 pooled_from = [f.float() for f in pooled_from]
-            detections = self.detect_boxes(pooled_from, proposals, sizes, plan)
+            detections = self.detect_boxes(pooled_from, proposals, sizes, plan, settings)
             mask_probs = self.predict_masks(pooled_from, [d["boxes"] for d in detections],
                                             [d["labels"] for d in detections], sizes, plan)
         return [self.to_input_pixels({**d, "mask_probs": p}, size, orig, masks, mask_threshold)
                 for d, p, size, orig in zip(detections, mask_probs, sizes, original_sizes)]
 
     def detect_boxes(self, features: list[torch.Tensor], proposals: list[torch.Tensor],
-                     sizes: list[tuple[int, int]], plan: Plan) -> list[dict[str, torch.Tensor]]:
+                     sizes: list[tuple[int, int]], plan: Plan,
+                     settings: InferenceSettings | None = None) -> list[dict[str, torch.Tensor]]:
+        """The final boxes per image; `settings` None: the model's defaults."""
         pooled = self.box_pooler(features, proposals, sizes, plan.roi_align)
         class_logits, box_deltas = self.box_predictor(self.box_head(pooled, plan.norms))
-        c = self.config
+        s = settings or self.inference_settings()
         return select_detections(class_logits.float(), box_deltas.float(), proposals, sizes, self.box_coder,
-                                 score_thresh=c.score_thresh, nms_thresh=c.nms_thresh,
-                                 detections_per_img=c.detections_per_img)
+                                 score_thresh=s.score_thresh, nms_thresh=s.nms_thresh,
+                                 detections_per_img=s.detections_per_img)
 
     def predict_masks(self, features: list[torch.Tensor], boxes: list[torch.Tensor], labels: list[torch.Tensor],
                       sizes: list[tuple[int, int]], plan: Plan) -> list[torch.Tensor]:
