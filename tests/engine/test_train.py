@@ -258,7 +258,19 @@ def test_run_directory_contents_and_checkpoint_formats(shapes, tmp_path, one_thr
     train_records = [r for r in records if r["type"] == "train"]
     evals = [r for r in records if r["type"] == "eval"]
     assert train_records and {"loss_mask", "lr", "time_per_iter", "loss"} <= set(train_records[0])
-    assert evals[-1]["iteration"] == summary["iterations"] and 0 <= evals[-1]["segm"]["AP"] <= 1
+    assert evals[-1]["iteration"] == summary["iterations"]
+    # The logged AP is the COCO evaluation of the saved final model on the validation set, recomputed here.
+    from maskrcnn.data.coco import CocoDataset
+    from maskrcnn.engine.evaluate import coco_evaluate, predict_dataset
+
+    final = maskrcnn.load(run / "model.safetensors").eval()
+    val_set = CocoDataset(shapes["val_annotations"], shapes["val_images"])
+    results = predict_dataset(final, val_set, category_ids=final.category_ids, batch_size=config.eval_batch_size,
+                              device=torch.device("cpu"), progress=False)
+    again = coco_evaluate(val_set.coco, results, iou_types=("bbox", "segm"), verbose=False)
+    for task in ("bbox", "segm"):
+        for key in ("AP", "AP50", "AP75"):
+            assert evals[-1][task][key] == pytest.approx(again[task][key], abs=1e-9), (task, key)
     # The saved config is a valid --config file for the same run, with the "auto" settings resolved.
     import yaml
 
@@ -322,3 +334,59 @@ def test_trains_on_real_coco_data(tmp_path, one_thread):
     assert len(records) == 3 and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
     model = maskrcnn.load(tmp_path / "coco" / "model.safetensors")
     assert model.num_classes == 81 and model.category_ids[-1] == 90 and model.class_names[1] == "person"
+
+
+# ---------------------------------------------------------------------------------------------- bf16 inference
+
+def _match_one_to_one(a: dict, b: dict, min_iou: float = 0.9) -> list[tuple[int, int]]:
+    """Greedy by a's score: each detection of `a` takes the unused detection of `b` of the same class with the
+    highest box IoU, if that IoU is at least `min_iou`."""
+    from torchvision.ops import box_iou  # the reference implementation, not ours
+
+    if len(a["boxes"]) == 0 or len(b["boxes"]) == 0:
+        return []
+    iou = box_iou(a["boxes"], b["boxes"]) * (a["labels"][:, None] == b["labels"][None, :])
+    pairs, used = [], set()
+    for i in torch.argsort(a["scores"], descending=True).tolist():
+        candidates = [(float(iou[i, j]), j) for j in range(len(b["boxes"])) if j not in used]
+        best, j = max(candidates, default=(0.0, -1))
+        if best >= min_iou:
+            pairs.append((i, j))
+            used.add(j)
+    return pairs
+
+
+def test_bf16_detections_agree_with_fp32_on_a_trained_model(shapes, tmp_path, one_thread):
+    """A tiny model trained 40 iterations on the shapes set detects (nearly) the same objects with
+    precision="bf16" as in fp32: one-to-one matches of the same class with box IoU >= 0.9, and masks that
+    overlap. Measured on the 3 validation images: 209 of 225 detections matched (0.93; the rest are
+    low-score near-duplicates that cross the score or NMS cut in one precision and not the other), mask IoU of
+    the matched pairs 0.990 on average (lowest 0.86). The bounds leave room for other CPUs' bf16 kernels;
+    boxes or masks from a broken bf16 path (wrong scale, wrong class's mask, unfolded norms) miss them by far."""
+    import numpy as np
+    from PIL import Image
+
+    from maskrcnn.data.images import to_float_tensor
+
+    train(tiny_config(shapes, tmp_path / "run", iters=40, warmup_iters=5, checkpoint_every=1000, log_every=10),
+          progress=False)
+    model = maskrcnn.load(tmp_path / "run" / "model.safetensors").eval()
+    images = [to_float_tensor(np.array(Image.open(p).convert("RGB")))
+              for p in sorted(Path(shapes["val_images"]).iterdir())]
+    assert len(images) == 3
+    with torch.no_grad():
+        full = model(images)
+        model.precision = "bf16"
+        reduced = model(images)
+    matched = total = 0
+    mask_ious = []
+    for a, b in zip(full, reduced):
+        pairs = _match_one_to_one(a, b)
+        matched, total = matched + len(pairs), total + max(len(a["boxes"]), len(b["boxes"]))
+        for i, j in pairs:
+            ma, mb = a["masks"][i, 0] > 0.5, b["masks"][j, 0] > 0.5
+            union = (ma | mb).sum().item()
+            mask_ious.append((ma & mb).sum().item() / union if union else 1.0)
+    assert total >= 10
+    assert matched / total >= 0.85, (matched, total)
+    assert sum(mask_ious) / len(mask_ious) >= 0.95, mask_ious
