@@ -71,7 +71,10 @@ class _Trainer:
         # what the step calls: the network, wrapped in DistributedDataParallel under torchrun
         self.module = self.network
         if info.distributed:
-            if self.network.config.backbone_norm == "bn" and device.type == "cuda":
+            # Any trainable BatchNorm (backbone, FPN or heads) normalises over the whole batch on CUDA; on CPU
+            # (gloo) each process normalises over its own images.
+            batch_norms = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.network.modules())
+            if batch_norms and device.type == "cuda":
                 self.module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.network)
             self.module = torch.nn.parallel.DistributedDataParallel(
                 self.module, device_ids=[device.index] if device.type == "cuda" else None)
