@@ -93,6 +93,18 @@ def test_resume_is_bit_exact(shapes, tmp_path, one_thread):
     assert losses_a == losses_b
 
 
+def _train_on_two_processes(shapes, tmp_path, common: dict) -> None:
+    """The same tiny config through torchrun with 2 CPU processes x 1 image, into tmp_path / "ddp"."""
+    config_path = tmp_path / "ddp.json"
+    config_path.write_text(json.dumps(tiny_config(shapes, tmp_path / "ddp", **common).to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "maskrcnn.cli", "train", "--config", str(config_path), "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-8000:]
+    assert "2 processes x 1 images" in done.stdout
+
+
 def test_two_process_ddp_matches_one_process(shapes, tmp_path, one_thread):
     """torchrun with 2 CPU processes x 1 image == 1 process x 2 images (same global batch of 2).
 
@@ -101,15 +113,7 @@ def test_two_process_ddp_matches_one_process(shapes, tmp_path, one_thread):
     single = train(tiny_config(shapes, tmp_path / "single", **common), progress=False)
     assert single["completed"]
 
-    config = tiny_config(shapes, tmp_path / "ddp", **common).to_dict()
-    config_path = tmp_path / "ddp.json"
-    config_path.write_text(json.dumps(config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "maskrcnn.cli", "train", "--config", str(config_path), "--no-progress"]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-8000:]
-    assert "2 processes x 1 images" in done.stdout
+    _train_on_two_processes(shapes, tmp_path, common)
 
     a = load_file(tmp_path / "single" / "model.safetensors")
     b = load_file(tmp_path / "ddp" / "model.safetensors")
@@ -145,14 +149,7 @@ def test_two_process_ddp_with_batchnorm_on_cpu_normalises_per_process(shapes, tm
                   model=bn, ema_decay=None)
     single = train(tiny_config(shapes, tmp_path / "single", **common), progress=False)
     assert single["completed"]
-    config_path = tmp_path / "ddp.json"
-    config_path.write_text(json.dumps(tiny_config(shapes, tmp_path / "ddp", **common).to_dict()))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "maskrcnn.cli", "train", "--config", str(config_path), "--no-progress"]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-8000:]
-    assert "2 processes x 1 images" in done.stdout
+    _train_on_two_processes(shapes, tmp_path, common)
     single_loss, = [r["loss"] for r in read_metrics(tmp_path / "single" / "metrics.jsonl") if r["type"] == "train"]
     ddp_loss, = [r["loss"] for r in read_metrics(tmp_path / "ddp" / "metrics.jsonl") if r["type"] == "train"]
     a = load_file(tmp_path / "single" / "model.safetensors")
