@@ -106,8 +106,8 @@ def inference(args) -> None:
         ours = {p: maskrcnn.load(Path(tmp) / "weights.pth", precision=p) for p in args.precisions}
         runners = {"torchvision fp32": reference, **{f"ours {p}": m for p, m in ours.items()}}
         if args.onnx:
-            from maskrcnn.export import export
-            from maskrcnn.exported import ExportedModel
+            from maskrcnn.export.files import export
+            from maskrcnn.export.runtime import ExportedModel
 
             onnx_path = export(maskrcnn.load(Path(tmp) / "weights.pth"), Path(tmp) / "model.onnx")
             runners["ours onnxruntime"] = ExportedModel.load(onnx_path)

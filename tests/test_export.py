@@ -27,8 +27,9 @@ import maskrcnn
 from maskrcnn import Predictor
 from maskrcnn.cli import main
 from maskrcnn.errors import MaskRCNNError
-from maskrcnn.export import ONNX_OPSET, DetectionGraph, example_inputs, export, metadata
-from maskrcnn.exported import INPUT_NAMES, METADATA_KEY, OUTPUT_NAMES, ExportedModel, paste_bounds
+from maskrcnn.export.files import ONNX_OPSET, example_inputs, export, metadata
+from maskrcnn.export.graph import DetectionGraph
+from maskrcnn.export.runtime import INPUT_NAMES, METADATA_KEY, OUTPUT_NAMES, ExportedModel, paste_bounds
 from maskrcnn.modeling.poolers import MultiLevelRoIAlign
 from conftest import coco_mini, tiny_model, torchvision_reference
 

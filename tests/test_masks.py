@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 import maskrcnn
-from maskrcnn.exported import paste_masks as paste_masks_numpy
-from maskrcnn.exported import paste_masks_in_crops as paste_masks_in_crops_numpy
+from maskrcnn.export.runtime import paste_masks as paste_masks_numpy
+from maskrcnn.export.runtime import paste_masks_in_crops as paste_masks_in_crops_numpy
 from maskrcnn.masks import MaskCrops
 from maskrcnn.modeling.postprocess import paste_masks, paste_masks_in_crops
 from maskrcnn.results import Detections, encode_rle

@@ -17,7 +17,7 @@ from .checks import COUNT, PROBABILITY, check_fields
 from .data.images import DEFAULT_MAX_PIXELS, read_image, to_float_tensor
 from .devices import resolve_device
 from .errors import MaskRCNNError
-from .exported import ExportedModel, is_exported_file
+from .export.runtime import ExportedModel, is_exported_file
 from .modeling.model import MaskRCNN
 from .modeling.settings import InferenceSettings
 

@@ -173,7 +173,7 @@ def _is_torchscript_archive(path: Path) -> bool:
 def _unreadable(path: Path, error: Exception) -> str:
     """Why torch.load(weights_only=True) refused `path`, in our words: torch's own text advises switching
     that safety off, which would run whatever code the file carries; we never give that advice."""
-    from .exported import is_exported_file
+    from .export.runtime import is_exported_file
 
     if is_exported_file(path):
         return (f"{path}: a model file from `maskrcnn export`, not a checkpoint; `maskrcnn predict` and "

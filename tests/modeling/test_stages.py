@@ -139,7 +139,7 @@ def test_exact_paste_is_grid_sample_over_the_half_pixel_shifted_box():
     """mode="exact": canvas pixel p (centre p + 0.5) reads the mask bilinearly at its place in the box moved
     by (+0.5, +0.5), zero outside: F.grid_sample with align_corners=False and zero padding, built here from
     the box coordinates alone; also the numpy copy used for exported models."""
-    from maskrcnn.exported import paste_masks as paste_masks_numpy
+    from maskrcnn.export.runtime import paste_masks as paste_masks_numpy
 
     g = torch.Generator().manual_seed(2)
     masks = torch.rand(9, 28, 28, generator=g)

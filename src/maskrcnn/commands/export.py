@@ -16,7 +16,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..export import export
+    from ..export.files import export
     from ..weights import load
 
     model = load(args.weights, device="cpu")

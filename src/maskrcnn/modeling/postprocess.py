@@ -97,7 +97,7 @@ def paste_masks_in_crops(masks: torch.Tensor, boxes: torch.Tensor, image_size: t
 
 
 def cut_crops(paste_one, bounds, image_size: tuple[int, int], threshold: float | None, zeros) -> tuple[list, list]:
-    """The crop loop of both pastes (torch here, numpy in maskrcnn.exported): `paste_one(i)` is mask i's
+    """The crop loop of both pastes (torch here, numpy in maskrcnn.export.runtime): `paste_one(i)` is mask i's
     (H, W) canvas, `bounds` its (rows, columns) from `crop_bounds`, `zeros(shape, as_bool)` an empty crop.
     One canvas lives at a time. Returns (crops, [[top, left], ...])."""
     height, width = image_size

@@ -3,7 +3,7 @@
 `ExportedModel` has the call interface of `MaskRCNN` at inference (a list of (3,H,W) images in [0,1] ->
 one dict of boxes, labels, scores and (N,1,H,W) mask probabilities per image) plus the attributes
 `Predictor` reads, so predict's files, drawing and formats are shared with the PyTorch path. The exported
-graph (see `maskrcnn.export`) starts at the normalised, padded image and ends at 28x28 masks; the steps
+graph (see `graph.py`) starts at the normalised, padded image and ends at 28x28 masks; the steps
 around it are done here in numpy with the same arithmetic as `ImageTransform` and `paste_masks`.
 """
 
@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import MaskRCNNError
-from .modeling.model import ModelConfig
-from .modeling.settings import InferenceSettings
-from .modeling.postprocess import MASK_PASTE_MODES, crop_bounds, cut_crops
+from ..errors import MaskRCNNError
+from ..modeling.model import ModelConfig
+from ..modeling.settings import InferenceSettings
+from ..modeling.postprocess import MASK_PASTE_MODES, crop_bounds, cut_crops
 
 METADATA_KEY = "maskrcnn"            # ONNX metadata_props key and TorchScript extra file name
 METADATA_FORMAT = "maskrcnn.export.v1"
