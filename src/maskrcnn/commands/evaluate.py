@@ -64,15 +64,10 @@ def run(args) -> int:
     from ..data.coco import CocoDataset
     from ..devices import resolve_device
     from ..engine.evaluate import coco_evaluate, format_metrics_table, predict_dataset, write_metrics
-    from ..errors import MaskRCNNError
     from ..files import write_text_atomic
 
     device = resolve_device(args.device)
-    dataset = CocoDataset(args.annotations, args.images, skip_invalid=args.skip_invalid)
-    missing = dataset.check_files()
-    if missing:
-        raise MaskRCNNError(f"{missing[0]}: image file not found ({len(missing)} of the {len(dataset)} images "
-                            f"listed in {args.annotations} are missing)")
+    dataset = CocoDataset(args.annotations, args.images, skip_invalid=args.skip_invalid)  # files checked here
     model = load(args.weights, device=device, score_thresh=args.score_thresh, proposals=args.proposals,
                  detections_per_img=args.max_detections)
     check_classes(model, dataset, args.weights)
