@@ -11,7 +11,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.reference import torchvision_reference  # noqa: E402,F401  (re-exported for the tests)
+from benchmarks.reference import torchvision_keypoint_reference, torchvision_reference  # noqa: E402,F401  (re-exported)
 
 COCO_MINI = ROOT / "tests" / "assets" / "coco"
 

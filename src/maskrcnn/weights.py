@@ -19,6 +19,7 @@ import torch
 
 from .errors import MaskRCNNError
 from .files import atomic_path
+from .modeling.keypoints import COCO_PERSON_KEYPOINT_NAMES, COCO_PERSON_SKELETON
 from .modeling.model import ARCHS, MaskRCNN, ModelConfig, arch_config
 
 # COCO 2017 category names by category id (ids 1..90; "N/A" where COCO left an id unused).
@@ -41,6 +42,8 @@ REGISTRY = {
         "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth", "bf2d0c1e"),
     "torchvision:maskrcnn_resnet50_fpn_v2_coco": (
         "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth", "73cbd019"),
+    "torchvision:keypointrcnn_resnet50_fpn_coco": (
+        "https://download.pytorch.org/models/keypointrcnn_resnet50_fpn_coco-fc266e95.pth", "fc266e95"),
 }
 
 FORMAT_TAG = "maskrcnn.v1"
@@ -71,6 +74,9 @@ _TORCHVISION_RULES = [
     (r"^roi_heads\.mask_head\.mask_fcn(\d+)\.", lambda m: f"mask_head.convs.{int(m.group(1)) - 1}.conv."),
     (r"^roi_heads\.mask_predictor\.conv5_mask\.", "mask_predictor.upsample."),
     (r"^roi_heads\.mask_predictor\.mask_fcn_logits\.", "mask_predictor.logits."),
+    # Keypoint R-CNN: an nn.Sequential of (conv, ReLU) pairs, so conv i is entry 2 * i
+    (r"^roi_heads\.keypoint_head\.(\d+)\.", lambda m: f"keypoint_head.convs.{int(m.group(1)) // 2}.conv."),
+    (r"^roi_heads\.keypoint_predictor\.kps_score_lowres\.", "keypoint_predictor.upsample."),
 ]
 _TORCHVISION_RULES = [(re.compile(p), r) for p, r in _TORCHVISION_RULES]
 
@@ -101,7 +107,11 @@ def infer_config(state: dict[str, torch.Tensor], source: str = "checkpoint") -> 
         return state[key]
 
     num_classes = need("box_predictor.class_logits.weight").shape[0]
-    for key, per_class in (("box_predictor.box_deltas.weight", 4), ("mask_predictor.logits.weight", 1)):
+    kp_weight = state.get("keypoint_predictor.upsample.weight")  # (channels, keypoints, 4, 4)
+    keypoints = 0 if kp_weight is None else int(kp_weight.shape[1])
+    masks = "mask_predictor.logits.weight" in state or not keypoints  # neither branch: "missing" names the mask
+    per_class_rows = [("box_predictor.box_deltas.weight", 4)] + [("mask_predictor.logits.weight", 1)] * masks
+    for key, per_class in per_class_rows:
         if need(key).shape[0] != num_classes * per_class:
             raise MaskRCNNError(f"{source}: inconsistent class counts: box classifier has {num_classes} "
                                 f"classes but {key} has {need(key).shape[0] // per_class}")
@@ -117,6 +127,11 @@ def infer_config(state: dict[str, torch.Tensor], source: str = "checkpoint") -> 
         base = arch_config(f"resnet{depth}_fpn", num_classes)
     base.rpn_conv_depth = len({k.split(".")[3] for k in state if k.startswith("rpn.head.conv.")})
     base.fpn_norm = "bn" if "fpn.lateral.0.norm.weight" in state else None
+    base.masks, base.keypoints = masks, keypoints
+    if keypoints:
+        base.keypoint_head_channels = int(kp_weight.shape[0])
+        if keypoints == len(COCO_PERSON_KEYPOINT_NAMES):  # torchvision's files carry no names: COCO's persons
+            base.keypoint_names, base.skeleton = COCO_PERSON_KEYPOINT_NAMES, COCO_PERSON_SKELETON
     if base.backbone_norm == "frozen_bn" and "backbone.bn1.num_batches_tracked" in state:
         # Saved from a trainable BatchNorm backbone (torchvision builds one when no pretrained backbone is
         # given): evaluate it with BatchNorm's own arithmetic, which rounds differently from frozen BN's.
@@ -124,9 +139,11 @@ def infer_config(state: dict[str, torch.Tensor], source: str = "checkpoint") -> 
     return base
 
 
-def default_class_names(num_classes: int) -> tuple[list[str], list[int]]:
+def default_class_names(num_classes: int, keypoints: int = 0) -> tuple[list[str], list[int]]:
     if num_classes == len(COCO_CLASS_NAMES):
         return list(COCO_CLASS_NAMES), list(range(num_classes))
+    if num_classes == 2 and keypoints == len(COCO_PERSON_KEYPOINT_NAMES):  # torchvision's Keypoint R-CNN
+        return ["__background__", "person"], [0, 1]
     return ["__background__"] + [f"class_{i}" for i in range(1, num_classes)], list(range(num_classes))
 
 
@@ -223,7 +240,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], M
     if is_torchvision_state_dict(state):
         state = from_torchvision(state)
     config = infer_config(state, str(path))
-    names, ids = default_class_names(config.num_classes)
+    names, ids = default_class_names(config.num_classes, config.keypoints)
     return state, config, names, ids
 
 

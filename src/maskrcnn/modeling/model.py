@@ -17,13 +17,15 @@ from .backbone import ResNet
 from .box_head import BoxPredictor, ConvFCBoxHead, MLPBoxHead, SplitMLPBoxHead
 from .boxes import BoxCoder
 from .fpn import FPN, pooled_levels
+from .keypoint_head import KeypointHead, KeypointPredictor
+from .keypoints import heatmaps_to_keypoints
 from .mask_head import MaskHead, MaskPredictor
 from .plan import PRECISIONS, Plan, inference_plan
 from .poolers import MultiLevelRoIAlign
 from .postprocess import MASK_PASTE_MODES, paste_masks, paste_masks_in_crops, select_detections
 from .rpn import RegionProposalNetwork, RPNConfig, RPNHead
 from .settings import InferenceSettings
-from .transform import ImageTransform, rescale_boxes
+from .transform import ImageTransform, rescale_boxes, rescale_keypoints
 
 
 @dataclass
@@ -56,6 +58,14 @@ class ModelConfig:
     box_sampling_ratio: int = 2          # RoIAlign sample points per bin side for the box head (torchvision: 2)
     mask_sampling_ratio: int = 2         # the same for the mask head
     mask_head_channels: int = 256
+    masks: bool = True                   # the mask branch (False: a box + keypoint model, as torchvision's)
+    keypoints: int = 0                   # keypoints per object of the keypoint branch (0: no keypoint branch)
+    keypoint_sampling_ratio: int = 2     # RoIAlign sample points per bin side for the keypoint head
+    keypoint_head_channels: int = 512
+    # what the keypoints are, stored with the weights as the class names are: names (empty: keypoint_<i>)
+    # and the skeleton's edges as pairs of 1-based keypoint indices (COCO's convention), for drawing
+    keypoint_names: tuple[str, ...] = ()
+    skeleton: tuple[tuple[int, int], ...] = ()
     # --- inference defaults set per model (input resizing; a tuple of min_size: random choice in training)
     min_size: int | tuple[int, ...] = 800
     max_size: int = 1333
@@ -96,6 +106,10 @@ class ModelConfig:
                 data[key] = tuple(data[key])
         if isinstance(data.get("min_size"), list):
             data["min_size"] = tuple(data["min_size"])
+        if "keypoint_names" in data:
+            data["keypoint_names"] = tuple(data["keypoint_names"])
+        if "skeleton" in data:
+            data["skeleton"] = tuple(tuple(edge) for edge in data["skeleton"])
         return cls(**data)
 
 
@@ -134,6 +148,7 @@ _MODEL_RULES = {
     "num_classes": COUNT, "frozen_stages": NON_NEGATIVE_INT, "fpn_channels": COUNT,
     "rpn_conv_depth": NON_NEGATIVE_INT, "box_head_hidden": COUNT, "box_sampling_ratio": COUNT,
     "mask_sampling_ratio": COUNT, "mask_head_channels": COUNT, "max_size": COUNT,
+    "keypoints": NON_NEGATIVE_INT, "keypoint_sampling_ratio": COUNT, "keypoint_head_channels": COUNT,
     "box_fg_iou_thresh": PROBABILITY, "box_bg_iou_thresh": PROBABILITY, "box_batch_size_per_image": COUNT,
     "box_positive_fraction": PROBABILITY, "mask_rois_per_image": COUNT, "gt_jitter_copies": NON_NEGATIVE_INT,
     "score_thresh": PROBABILITY, "nms_thresh": PROBABILITY, "detections_per_img": COUNT,
@@ -162,6 +177,23 @@ def model_setting_problems(options: dict) -> list[str]:
         rpn_known = {f.name for f in fields(RPNConfig)}
         problems += [f"unknown model setting 'rpn.{key}'" for key in rpn if key not in rpn_known]
         problems += check_fields(rpn, _RPN_RULES, prefix="rpn.")
+    return problems + _keypoint_problems(options)
+
+
+def _keypoint_problems(options: dict) -> list[str]:
+    """The branch switches and the keypoint names / skeleton against the keypoint count."""
+    count, problems = options.get("keypoints", 0), []
+    if not isinstance(count, int) or isinstance(count, bool):
+        return problems  # already reported by the numeric rules
+    if options.get("masks") is False and count == 0:
+        problems.append("a model needs a mask branch (masks) or a keypoint branch (keypoints > 0)")
+    names = options.get("keypoint_names", ())
+    if names and len(names) != count:
+        problems.append(f"keypoint_names has {len(names)} names for keypoints={count}")
+    for edge in options.get("skeleton", ()):
+        if len(edge) != 2 or not all(isinstance(i, int) and 1 <= i <= count for i in edge):
+            problems.append(f"skeleton edge {list(edge)} is not a pair of keypoint numbers 1..{count}")
+            break
     return problems
 
 
@@ -202,13 +234,23 @@ class MaskRCNN(nn.Module):
             raise ValueError(f"unknown mask_paste {c.mask_paste!r}; choose one of {MASK_PASTE_MODES}")
         self.box_predictor = BoxPredictor(self.box_head.out_features, c.num_classes)
         self.box_coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
-        self.mask_pooler = MultiLevelRoIAlign(14, sampling_ratio=c.mask_sampling_ratio)
-        self.mask_head = MaskHead(c.fpn_channels, c.mask_head_channels, norm=c.head_norm)
-        self.mask_predictor = MaskPredictor(c.mask_head_channels, c.num_classes, c.mask_head_channels)
+        if c.masks:
+            self.mask_pooler = MultiLevelRoIAlign(14, sampling_ratio=c.mask_sampling_ratio)
+            self.mask_head = MaskHead(c.fpn_channels, c.mask_head_channels, norm=c.head_norm)
+            self.mask_predictor = MaskPredictor(c.mask_head_channels, c.num_classes, c.mask_head_channels)
+        if c.keypoints:
+            self.keypoint_pooler = MultiLevelRoIAlign(14, sampling_ratio=c.keypoint_sampling_ratio)
+            self.keypoint_head = KeypointHead(c.fpn_channels, c.keypoint_head_channels)
+            self.keypoint_predictor = KeypointPredictor(c.keypoint_head_channels, c.keypoints)
 
     @property
     def num_classes(self) -> int:
         return self.config.num_classes
+
+    @property
+    def keypoint_names(self) -> list[str]:
+        """The keypoints' names (keypoint_<i> where the weights came without them); [] without keypoints."""
+        return list(self.config.keypoint_names) or [f"keypoint_{i}" for i in range(1, self.config.keypoints + 1)]
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None,
                 generators: list[torch.Generator] | None = None):
@@ -265,10 +307,15 @@ class MaskRCNN(nn.Module):
                 # RoIAlign reads the channels-last maps as they are.
                 pooled_from = [f.float() for f in pooled_from]
             detections = self.detect_boxes(pooled_from, proposals, sizes, plan, settings)
-            mask_probs = self.predict_masks(pooled_from, [d["boxes"] for d in detections],
-                                            [d["labels"] for d in detections], sizes, plan)
-        return [self.to_input_pixels({**d, "mask_probs": p}, size, orig, masks, mask_threshold)
-                for d, p, size, orig in zip(detections, mask_probs, sizes, original_sizes)]
+            boxes = [d["boxes"] for d in detections]
+            if self.config.masks:
+                mask_probs = self.predict_masks(pooled_from, boxes, [d["labels"] for d in detections], sizes, plan)
+                detections = [{**d, "mask_probs": p} for d, p in zip(detections, mask_probs)]
+            if self.config.keypoints:
+                keypoints = self.predict_keypoints(pooled_from, boxes, sizes, plan)
+                detections = [{**d, "keypoints": k, "keypoints_scores": s} for d, (k, s) in zip(detections, keypoints)]
+        return [self.to_input_pixels(d, size, orig, masks, mask_threshold)
+                for d, size, orig in zip(detections, sizes, original_sizes)]
 
     def detect_boxes(self, features: list[torch.Tensor], proposals: list[torch.Tensor],
                      sizes: list[tuple[int, int]], plan: Plan,
@@ -300,10 +347,26 @@ class MaskRCNN(nn.Module):
             logits = self.mask_predictor(mask_features, plan.mask_upsampling, labels=flat_labels)
         return list(logits.float().sigmoid().split([len(b) for b in boxes]))
 
+    def predict_keypoints(self, features: list[torch.Tensor], boxes: list[torch.Tensor],
+                          sizes: list[tuple[int, int]], plan: Plan) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image, its boxes' keypoints (K_i, keypoints, 3) = (x, y, 1) in resized-image pixels and their
+        scores (K_i, keypoints): the heatmap logit at each keypoint."""
+        k = self.config.keypoints
+        if sum(len(b) for b in boxes) == 0:
+            return [(features[0].new_zeros((0, k, 3)), features[0].new_zeros((0, k))) for _ in boxes]
+        pooled = self.keypoint_pooler(features, boxes, sizes, plan.roi_align)
+        heatmaps = self.keypoint_predictor(self.keypoint_head(pooled, plan.norms))
+        return [heatmaps_to_keypoints(maps, b) for maps, b in zip(heatmaps.split([len(b) for b in boxes]), boxes)]
+
     def to_input_pixels(self, det: dict, size: tuple[int, int], original: tuple[int, int],
                         masks: str = "image", mask_threshold: float | None = None) -> dict:
         boxes = rescale_boxes(det["boxes"], size, original)
         out = {"boxes": boxes, "labels": det["labels"], "scores": det["scores"]}
+        if "keypoints" in det:
+            out["keypoints"] = rescale_keypoints(det["keypoints"], size, original)
+            out["keypoints_scores"] = det["keypoints_scores"]
+        if "mask_probs" not in det:
+            return {**out, "image_size": original} if masks == "crops" else out
         if masks == "crops":
             crops, offsets = paste_masks_in_crops(det["mask_probs"], boxes, original, mode=self.config.mask_paste,
                                                   threshold=mask_threshold)

@@ -55,6 +55,8 @@ class ImageTransform(nn.Module):
             if "boxes" in target:
                 target["boxes"] = target["boxes"] * torch.stack((ratio_w, ratio_h, ratio_w, ratio_h)).to(
                     target["boxes"].device)
+            if "keypoints" in target:
+                target["keypoints"] = rescale_keypoints(target["keypoints"], (h, w), tuple(image.shape[-2:]))
             if "masks" in target and target["masks"].numel():
                 target["masks"] = F.interpolate(target["masks"][:, None].float(), size=image.shape[-2:])[:, 0].byte()
             elif "masks" in target:
@@ -76,3 +78,10 @@ def rescale_boxes(boxes: torch.Tensor, from_size: tuple[int, int], to_size: tupl
     ratio_w = torch.tensor(to_size[1], dtype=torch.float32, device=boxes.device) / from_size[1]
     x0, y0, x1, y1 = boxes.unbind(1)
     return torch.stack((x0 * ratio_w, y0 * ratio_h, x1 * ratio_w, y1 * ratio_h), dim=1)
+
+
+def rescale_keypoints(keypoints: torch.Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> torch.Tensor:
+    """(N, K, 3) keypoints (x, y, visibility): x and y scaled as `rescale_boxes` scales boxes."""
+    ratio_h = torch.tensor(to_size[0], dtype=torch.float32, device=keypoints.device) / from_size[0]
+    ratio_w = torch.tensor(to_size[1], dtype=torch.float32, device=keypoints.device) / from_size[1]
+    return torch.stack((keypoints[..., 0] * ratio_w, keypoints[..., 1] * ratio_h, keypoints[..., 2]), dim=-1)
