@@ -5,6 +5,9 @@
     loss_classifier   box head: which class is this proposal (cross-entropy)
     loss_box_reg      box head: proposal -> object box deltas for its true class (smooth L1)
     loss_mask         mask head: 28x28 mask of the true class (per-pixel binary cross-entropy)
+    loss_keypoint     keypoint head (ModelConfig.keypoints > 0): which of the 56x56 heatmap cells holds each
+                      visible keypoint (cross-entropy over the cells)
+Models without a mask branch (ModelConfig.masks False) have no loss_mask.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from .fpn import pooled_levels
+from .keypoints import heatmap_targets
 from .matching import BACKGROUND, IGNORED, match_boxes, sample_balanced
 from .plan import training_plan
 from .rpn import RPNOutputs
@@ -27,7 +31,7 @@ def training_losses(model, images: list[torch.Tensor], targets: list[dict],
     """Losses for a batch. `generators` (one per image) drive the random sampling of anchors and proposals;
     seeding them from the image's place in the global batch makes a run reproducible and lets N processes
     with B images each compute exactly what one process with N*B images would (see `_normalise`)."""
-    _check_targets(images, targets)
+    _check_targets(images, targets, model.config)
     generators = generators or [None] * len(images)
     batch, sizes, targets = model.transform(images, targets)
     plan = training_plan(batch.device.type)
@@ -47,11 +51,16 @@ def training_losses(model, images: list[torch.Tensor], targets: list[dict],
 
     positive = [_mask_rois(s["labels"], s["gt_index"], cfg.mask_rois_per_image) for s in samples]
     pos_boxes = [s["boxes"][p] for s, p in zip(samples, positive)]
-    pos_labels = torch.cat([s["labels"][p] for s, p in zip(samples, positive)])
-    # plan.mask_classes is "detected": the logits of each positive's true class only
-    mask_features = model.mask_head(model.mask_pooler(pooled_from, pos_boxes, sizes, plan.roi_align), plan.norms)
-    mask_logits = model.mask_predictor(mask_features, plan.mask_upsampling, labels=pos_labels)
-    sums["loss_mask"] = mask_loss(mask_logits, samples, positive, targets)
+    if cfg.masks:
+        pos_labels = torch.cat([s["labels"][p] for s, p in zip(samples, positive)])
+        # plan.mask_classes is "detected": the logits of each positive's true class only
+        mask_features = model.mask_head(model.mask_pooler(pooled_from, pos_boxes, sizes, plan.roi_align), plan.norms)
+        mask_logits = model.mask_predictor(mask_features, plan.mask_upsampling, labels=pos_labels)
+        sums["loss_mask"] = mask_loss(mask_logits, samples, positive, targets)
+    if cfg.keypoints:  # the same positives (all of them unless mask_rois_per_image caps them)
+        pooled = model.keypoint_pooler(pooled_from, pos_boxes, sizes, plan.roi_align)
+        heatmaps = model.keypoint_predictor(model.keypoint_head(pooled, plan.norms))
+        sums["loss_keypoint"] = keypoint_loss(heatmaps, samples, positive, targets)
     return _normalise(sums)
 
 
@@ -93,13 +102,18 @@ def _normalise(sums: dict[str, tuple[torch.Tensor, int]]) -> dict[str, torch.Ten
             for i, n in enumerate(names)}
 
 
-def _check_targets(images: list[torch.Tensor], targets: list[dict]) -> None:
+def _check_targets(images: list[torch.Tensor], targets: list[dict], cfg) -> None:
     if len(images) != len(targets):
         raise ValueError(f"{len(images)} images but {len(targets)} targets")
     for i, t in enumerate(targets):
         boxes = t["boxes"]
         if boxes.dim() != 2 or boxes.shape[-1] != 4:
             raise ValueError(f"target {i}: boxes must have shape (N, 4), got {tuple(boxes.shape)}")
+        expected = (len(boxes), cfg.keypoints, 3)
+        if cfg.keypoints and ("keypoints" not in t or tuple(t["keypoints"].shape) != expected):
+            got = tuple(t["keypoints"].shape) if "keypoints" in t else "none"
+            raise ValueError(f"target {i}: a model with {cfg.keypoints} keypoints needs keypoints of shape "
+                             f"{expected}, got {got}")
         if len(boxes) and ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
             raise ValueError(f"target {i}: boxes must have positive width and height")
 
@@ -203,3 +217,21 @@ def mask_loss(mask_logits: torch.Tensor, samples: list[dict], positive: list[tor
         return mask_logits.sum() * 0, 0
     loss = F.binary_cross_entropy_with_logits(mask_logits, torch.cat(crops), reduction="sum")
     return loss, mask_logits.numel()
+
+
+def keypoint_loss(heatmaps: torch.Tensor, samples: list[dict], positive: list[torch.Tensor],
+                  targets: list[dict]) -> tuple[torch.Tensor, int]:
+    """Cross-entropy over the (S, S) heatmap cells of each visible keypoint inside its positive proposal,
+    (K, keypoints, S, S) logits; the target cell is where the matched object's keypoint falls
+    (keypoints.heatmap_targets, torchvision's encoding). Summed, with the number of counted keypoints."""
+    n, k, size, _ = heatmaps.shape
+    cells, valid = [], []
+    for s, p, t in zip(samples, positive, targets):
+        c, v = heatmap_targets(t["keypoints"][s["gt_index"][p]], s["boxes"][p], size)
+        cells.append(c.reshape(-1))
+        valid.append(v.reshape(-1))
+    cells, valid = torch.cat(cells), torch.cat(valid)
+    if not bool(valid.any()):
+        return heatmaps.sum() * 0, 0
+    logits = heatmaps.reshape(n * k, size * size)[valid]
+    return F.cross_entropy(logits, cells[valid], reduction="sum"), int(valid.sum())
