@@ -199,7 +199,9 @@ class Predictor:
                                          mask_threshold=self.mask_threshold, settings=self.settings)
         return [
             Detections.from_model_output(out, self.model.class_names, self.model.category_ids,
-                                         mask_threshold=self.mask_threshold, file_name=name)
+                                         mask_threshold=self.mask_threshold, file_name=name,
+                                         keypoint_names=getattr(self.model, "keypoint_names", None),
+                                         skeleton=getattr(self.model, "skeleton", None))
             for out, name in zip(outputs, names)
         ]
 

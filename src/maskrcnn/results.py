@@ -58,14 +58,15 @@ def _json_float(value) -> float:
 
 
 def coco_results(boxes, labels, scores, rles, *, category_ids=None, fields: dict | None = None,
-                 category_names=None, exact: bool = False) -> list[dict]:
+                 category_names=None, exact: bool = False, keypoints=None, keypoint_scores=None) -> list[dict]:
     """COCO results entries, one per row of float32 `boxes` (x1 y1 x2 y2), `labels`, `scores` and `rles`
     (None: no segmentation), JSON-ready: plain Python numbers, bbox as [x, y, w, h].
 
     Every entry starts with `fields` (e.g. image_id, file_name); `category_ids[label]` is written as the
     category id (None: the label itself), followed by `category_names[i]` where given. Numbers are rounded
     with `_json_float` (readable files) unless `exact`, which keeps them as they are: evaluation scores the
-    model's own numbers."""
+    model's own numbers. With `keypoints` (N, K, 3), each entry gets COCO's keypoint result
+    `keypoints: [x1, y1, v1, x2, ...]` (and `keypoint_scores: [s1, ...]`, which COCO's tools ignore)."""
     number = float if exact else _json_float
     entries = []
     for i, label in enumerate(np.asarray(labels).tolist()):
@@ -79,6 +80,11 @@ def coco_results(boxes, labels, scores, rles, *, category_ids=None, fields: dict
         entry["score"] = number(scores[i])
         if rles is not None:
             entry["segmentation"] = {"size": [int(s) for s in rles[i]["size"]], "counts": rles[i]["counts"]}
+        if keypoints is not None:
+            entry["keypoints"] = [number(v) if j % 3 < 2 else int(round(float(v)))
+                                  for j, v in enumerate(np.asarray(keypoints[i]).reshape(-1))]
+            if keypoint_scores is not None:
+                entry["keypoint_scores"] = [number(v) for v in keypoint_scores[i]]
         entries.append(entry)
     return entries
 
@@ -90,17 +96,30 @@ class Detections:
     written to results files (None: the label itself). Masks are boolean at the image's own size, but held
     compactly (`mask_crops`, a `MaskCrops`: each mask's bounding crop and its offset), so memory follows the
     objects, not image size x detections. `masks` makes the full (N, H, W) array when asked for (each time);
-    `mask(i)` makes one. `masks=` takes either full masks or a `MaskCrops`.
+    `mask(i)` makes one. `masks=` takes either full masks or a `MaskCrops`, or None for a model without a
+    mask branch (then `image_size` is needed; `has_masks` is False, the crops are empty and no segmentation
+    is written).
+
+    A keypoint model's detections also hold `keypoints` (N, K, 3) float32 x, y, visibility in image pixels
+    and `keypoint_scores` (N, K), with the model's `keypoint_names` and `skeleton` (pairs of 1-based
+    keypoint numbers, for drawing); all None otherwise.
     """
 
     def __init__(self, boxes, labels, scores, masks, class_names, category_ids=None,
-                 image_size: tuple[int, int] | None = None, file_name: str | None = None):
+                 image_size: tuple[int, int] | None = None, file_name: str | None = None, *,
+                 keypoints=None, keypoint_scores=None, keypoint_names=None, skeleton=None):
         self.boxes = _numpy(boxes).astype(np.float32, copy=False).reshape(-1, 4)    # (N, 4) x1 y1 x2 y2, pixels
         self.labels = _numpy(labels).astype(np.int64, copy=False).reshape(-1)       # (N,)
         self.scores = _numpy(scores).astype(np.float32, copy=False).reshape(-1)     # (N,)
         self.class_names = list(class_names)
         self.category_ids = None if category_ids is None else [int(c) for c in category_ids]
         self.file_name = file_name
+        self.has_masks = masks is not None
+        if masks is None:
+            if image_size is None:
+                raise ValueError("detections without masks need image_size=(H, W)")
+            masks = MaskCrops([np.zeros((0, 0), dtype=bool)] * len(self.boxes), np.zeros((len(self.boxes), 2)),
+                              image_size)
         if not isinstance(masks, MaskCrops):
             masks = _numpy(masks)
             if masks.ndim != 3:
@@ -114,6 +133,23 @@ class Detections:
                              f"{len(self.labels)}, {len(self.scores)} and {len(masks)}")
         if masks.image_size != self.image_size:
             raise ValueError(f"masks are {masks.image_size} but the image size is {self.image_size}")
+        self._set_keypoints(keypoints, keypoint_scores, keypoint_names, skeleton)
+
+    def _set_keypoints(self, keypoints, keypoint_scores, keypoint_names, skeleton) -> None:
+        self.keypoints = self.keypoint_scores = None
+        self.keypoint_names = None if keypoint_names is None else list(keypoint_names)
+        self.skeleton = [] if skeleton is None else [(int(a), int(b)) for a, b in skeleton]
+        if keypoints is None:
+            return
+        self.keypoints = _numpy(keypoints).astype(np.float32, copy=False)
+        n = len(self.boxes)
+        if self.keypoints.ndim != 3 or len(self.keypoints) != n or self.keypoints.shape[2] != 3:
+            raise ValueError(f"keypoints must have shape ({n}, K, 3), got {self.keypoints.shape}")
+        scores = np.ones(self.keypoints.shape[:2]) if keypoint_scores is None else _numpy(keypoint_scores)
+        self.keypoint_scores = scores.astype(np.float32, copy=False)
+        if self.keypoint_scores.shape != self.keypoints.shape[:2]:
+            raise ValueError(f"keypoint_scores must have shape {self.keypoints.shape[:2]}, "
+                             f"got {self.keypoint_scores.shape}")
 
     @property
     def masks(self) -> np.ndarray:
@@ -135,7 +171,8 @@ class Detections:
 
     @classmethod
     def from_model_output(cls, output: dict, class_names, category_ids=None, mask_threshold: float = 0.5,
-                          file_name: str | None = None, image_size: tuple[int, int] | None = None) -> Detections:
+                          file_name: str | None = None, image_size: tuple[int, int] | None = None,
+                          keypoint_names=None, skeleton=None) -> Detections:
         """From one image's model output: `{boxes, labels, scores}` and either `masks` (N, 1, H, W)
         probabilities, or `mask_crops` + `mask_offsets` + `image_size` (the compact output of
         `MaskRCNN.predict(images, masks="crops")`: probabilities in crops, 0 outside).
@@ -143,7 +180,8 @@ class Detections:
         A pixel belongs to a mask when its probability is at least `mask_threshold` (masks or crops that are
         boolean already are taken as they are). Detections are re-sorted
         by descending score (stable), so the convention holds whatever the model's order. `image_size` is only
-        needed when the output has no masks (a box-only model).
+        needed when the output has no masks and no `image_size` (a model without a mask branch). A keypoint
+        model's `keypoints` and `keypoints_scores` are kept (with `keypoint_names` and `skeleton`).
         """
         boxes, labels, scores = (_numpy(output[key]) for key in ("boxes", "labels", "scores"))
         order = np.argsort(-scores.astype(np.float64).reshape(-1), kind="stable")
@@ -160,13 +198,19 @@ class Detections:
             if probabilities.ndim == 4:
                 probabilities = probabilities[:, 0]
             masks = mask_pixels(probabilities, mask_threshold)[order]
-        elif image_size is not None:
-            masks = MaskCrops([np.zeros((0, 0), dtype=bool)] * len(order), np.zeros((len(order), 2)), image_size)
+        elif image_size is not None or output.get("image_size") is not None:
+            masks = None
+            image_size = image_size or tuple(int(s) for s in _numpy(output["image_size"]).tolist())
         else:
             raise ValueError("the model output has no masks, so image_size=(H, W) must be given")
+        keypoints = {}
+        if output.get("keypoints") is not None:
+            keypoints = dict(keypoints=_numpy(output["keypoints"])[order],
+                             keypoint_scores=_numpy(output["keypoints_scores"])[order])
         return cls(boxes=boxes.reshape(-1, 4)[order], labels=labels.reshape(-1)[order],
                    scores=scores.reshape(-1)[order], masks=masks, class_names=class_names,
-                   category_ids=category_ids, image_size=image_size, file_name=file_name)
+                   category_ids=category_ids, image_size=image_size, file_name=file_name,
+                   keypoint_names=keypoint_names, skeleton=skeleton, **keypoints)
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -199,8 +243,12 @@ class Detections:
                 index = index.astype(np.int64)  # np.asarray([]) is float, which cannot index
             if index.dtype == np.bool_ and index.shape != (len(self),):
                 raise IndexError(f"boolean index of shape {index.shape} for {len(self)} detections")
-        return Detections(self.boxes[index], self.labels[index], self.scores[index], self.mask_crops[index],
-                          self.class_names, self.category_ids, self.image_size, self.file_name)
+        keypoints = {} if self.keypoints is None else dict(keypoints=self.keypoints[index],
+                                                            keypoint_scores=self.keypoint_scores[index])
+        return Detections(self.boxes[index], self.labels[index], self.scores[index],
+                          self.mask_crops[index] if self.has_masks else None, self.class_names, self.category_ids,
+                          self.image_size, self.file_name, keypoint_names=self.keypoint_names,
+                          skeleton=self.skeleton, **keypoints)
 
     def filter(self, score_thresh: float) -> Detections:
         """Only the detections scoring at least `score_thresh`."""
@@ -228,8 +276,8 @@ class Detections:
 
     def to_coco(self, image_id: int | None = None, frame: int | None = None) -> list[dict]:
         """COCO results entries (one per detection), JSON-ready: plain Python numbers, bbox as [x, y, w, h],
-        segmentation as RLE with str counts. Each starts with `image_id`, `file_name` and a video's `frame`
-        where known."""
+        segmentation as RLE with str counts (with masks), COCO keypoint results `keypoints: [x, y, v, ...]`
+        (with keypoints). Each starts with `image_id`, `file_name` and a video's `frame` where known."""
         fields = {}
         if image_id is not None:
             fields["image_id"] = int(image_id)
@@ -237,13 +285,16 @@ class Detections:
             fields["file_name"] = str(self.file_name)
         if frame is not None:
             fields["frame"] = int(frame)
-        return coco_results(self.boxes, self.labels, self.scores, self.mask_crops.to_rle(),
-                            category_ids=self.category_ids, fields=fields, category_names=self.names)
+        return coco_results(self.boxes, self.labels, self.scores, self.mask_crops.to_rle() if self.has_masks else None,
+                            category_ids=self.category_ids, fields=fields, category_names=self.names,
+                            keypoints=self.keypoints, keypoint_scores=self.keypoint_scores)
 
     def draw(self, image: np.ndarray, **options) -> np.ndarray:
         """This image's picture; see `viz.draw_detections` for the options (alpha, show_legend, color_by)."""
-        return draw_detections(image, self.boxes, self.labels, self.scores, self.mask_crops, self.class_names,
-                               **options)
+        if self.keypoints is not None:
+            options = {"keypoints": self.keypoints, "skeleton": self.skeleton, **options}
+        return draw_detections(image, self.boxes, self.labels, self.scores, self.mask_crops if self.has_masks else None,
+                               self.class_names, **options)
 
 
 def save_semantic_png(path: str | os.PathLike, semantic_map: np.ndarray, class_names) -> None:

@@ -160,14 +160,16 @@ def _check_inputs(image, boxes, labels, scores, masks):
 
 
 def draw_detections(image: np.ndarray, boxes, labels, scores=None, masks=None, class_names=None, *,
-                    alpha: float = 0.45, show_legend: bool = True, color_by: str = "instance") -> np.ndarray:
+                    alpha: float = 0.45, show_legend: bool = True, color_by: str = "instance",
+                    keypoints=None, skeleton=()) -> np.ndarray:
     """Detections drawn onto a copy of `image`; returns (H, W, 3) uint8 RGB.
 
     Masks are tinted with `alpha` opacity and outlined, boxes outlined, and each detection tagged
     "name 0.93"; `masks` are (N, H, W) or a `MaskCrops`. Where masks overlap, the higher score is shown.
     `color_by="instance"` gives every detection its own colour (best for telling touching objects apart);
     `"class"` colours by class (stable across images and video frames). With no detections the image comes
-    back unchanged (as uint8 RGB).
+    back unchanged (as uint8 RGB). `keypoints` (N, K, 3) = x, y, visibility: each visible one (v > 0) is a
+    dot in its detection's colour, joined along `skeleton` (pairs of 1-based keypoint numbers, as COCO's).
     """
     if color_by not in ("instance", "class"):
         raise ValueError(f"color_by must be 'instance' or 'class', got {color_by!r}")
@@ -182,6 +184,8 @@ def draw_detections(image: np.ndarray, boxes, labels, scores=None, masks=None, c
             masks = MaskCrops.from_full(masks)
     _check_inputs(out, boxes, labels, scores, masks)
     n = len(boxes)
+    if keypoints is not None and (np.ndim(keypoints) != 3 or len(keypoints) != n or np.shape(keypoints)[2] != 3):
+        raise ValueError(f"keypoints must have shape ({n}, K, 3), got {np.shape(keypoints)}")
     if n == 0:
         return out
     class_names = list(class_names) if class_names is not None else []
@@ -228,6 +232,8 @@ def draw_detections(image: np.ndarray, boxes, labels, scores=None, masks=None, c
         x1, y1, x2, y2 = (int(round(v)) for v in boxes[i])
         x2, y2 = max(x2 - 1, x1), max(y2 - 1, y1)  # xyxy corners are exclusive; PIL's rectangle is inclusive
         draw.rectangle([x1, y1, x2, y2], outline=color, width=sizes["line"])
+        if keypoints is not None:
+            _draw_keypoints(draw, np.asarray(keypoints[i], dtype=np.float64), skeleton, color, sizes["line"])
         if masks is None:
             occupied[max(y1, 0):max(y2 + 1, 0), max(x1, 0):max(x2 + 1, 0)] = 1.0
         text = name_of(int(labels[i])) if scores is None else f"{name_of(int(labels[i]))} {scores[i]:.2f}"
@@ -244,6 +250,18 @@ def draw_detections(image: np.ndarray, boxes, labels, scores=None, masks=None, c
     if show_legend:
         _draw_legend(draw, labels, colors, name_of, occupied, font, (text_top, text_bottom), pad)
     return np.asarray(picture.convert("RGB"))
+
+
+def _draw_keypoints(draw, points: np.ndarray, skeleton, color, line: int) -> None:
+    """One detection's visible keypoints (K, 3) as dots, joined by the skeleton's edges, lighter lines
+    under the dots."""
+    visible = points[:, 2] > 0
+    for a, b in skeleton:
+        if 1 <= a <= len(points) and 1 <= b <= len(points) and visible[a - 1] and visible[b - 1]:
+            draw.line([tuple(points[a - 1, :2]), tuple(points[b - 1, :2])], fill=_lighter(color), width=line + 1)
+    radius = line + 2
+    for x, y, _ in points[visible]:
+        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=color, outline=(255, 255, 255))
 
 
 def _draw_legend(draw, labels, colors, name_of, occupied, font, text_extent, pad) -> None:

@@ -252,6 +252,11 @@ class MaskRCNN(nn.Module):
         """The keypoints' names (keypoint_<i> where the weights came without them); [] without keypoints."""
         return list(self.config.keypoint_names) or [f"keypoint_{i}" for i in range(1, self.config.keypoints + 1)]
 
+    @property
+    def skeleton(self) -> list[tuple[int, int]]:
+        """Pairs of 1-based keypoint numbers joined when drawing (COCO's convention)."""
+        return [tuple(edge) for edge in self.config.skeleton]
+
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None,
                 generators: list[torch.Generator] | None = None):
         """Eval: list of (3,H,W) float images in [0,1] -> one dict per image with boxes, labels, scores and
