@@ -65,16 +65,16 @@ def _adapt_class_layers(state: dict, fresh: dict, init_names: list[str], names: 
     when every new class exists there (e.g. COCO weights -> a COCO subset), freshly initialised otherwise.
     Everything else is kept."""
     state = dict(state)
+    keys = {k: n for k, n in CLASS_DEPENDENT_KEYS.items() if k in fresh}  # a model may have no mask branch
     lookup = {name: i for i, name in enumerate(init_names)}
     rows = [lookup.get(name) for name in names]
-    if (len(set(init_names)) == len(init_names) and None not in rows
-            and all(state.get(k) is not None for k in CLASS_DEPENDENT_KEYS)):
+    if len(set(init_names)) == len(init_names) and None not in rows and all(state.get(k) is not None for k in keys):
         index = torch.tensor(rows)
-        for key, per_class in CLASS_DEPENDENT_KEYS.items():
+        for key, per_class in keys.items():
             expanded = (index[:, None] * per_class + torch.arange(per_class)).reshape(-1)
             state[key] = state[key][expanded].clone()
         return state, f"class layers: {len(names) - 1} classes matched by name"
-    for key in CLASS_DEPENDENT_KEYS:
+    for key in keys:
         state[key] = fresh[key]
     return state, f"class layers re-initialised for {len(names) - 1} classes (checkpoint had {len(init_names) - 1})"
 

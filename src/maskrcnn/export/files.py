@@ -22,7 +22,7 @@ from ..errors import MaskRCNNError
 from ..files import atomic_path
 from ..modeling.model import MaskRCNN
 from .graph import DetectionGraph
-from .runtime import INPUT_NAMES, METADATA_FORMAT, METADATA_KEY, OUTPUT_NAMES
+from .runtime import INPUT_NAMES, METADATA_FORMAT, METADATA_KEY, output_names
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17  # >= 16: RoiAlign with an explicit coordinate transformation mode
@@ -76,11 +76,12 @@ def _export_onnx(graph: DetectionGraph, path: str, meta: dict) -> None:
         import onnx
     except ImportError:
         raise MaskRCNNError("ONNX export needs the onnx package: pip install 'maskrcnn[export]'") from None
-    dynamic = {"image": {2: "height", 3: "width"}, **{name: {0: "detections"} for name in OUTPUT_NAMES}}
+    names = list(output_names(graph.model.config))
+    dynamic = {"image": {2: "height", 3: "width"}, **{name: {0: "detections"} for name in names}}
     # The TorchScript-based exporter: it maps torchvision's nms and roi_align to ONNX's NonMaxSuppression
     # and RoiAlign, which the torch.export-based one does not.
     torch.onnx.export(graph, example_inputs(graph.model), path, dynamo=False, opset_version=ONNX_OPSET,
-                      input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic)
+                      input_names=list(INPUT_NAMES), output_names=names, dynamic_axes=dynamic)
     proto = onnx.load(path)
     proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta))
     onnx.save(proto, path)

@@ -29,7 +29,8 @@ class DetectionGraph(nn.Module):
     Inputs: image (1, 3, H, W) normalised and padded; image_size (2,) int64 height and width before the
     padding; score_thresh () float32; max_detections () int64.
     Outputs, in the resized image's pixels, best first: boxes (K, 4), scores (K,), labels (K,) int64,
-    mask_probs (K, 28, 28) — the sigmoid of the detected class's mask logits.
+    mask_probs (K, 28, 28) — the sigmoid of the detected class's mask logits — with a mask branch, and
+    keypoint_heatmaps (K, keypoints, 56, 56) logits with a keypoint branch (runtime.output_names).
     """
 
     def __init__(self, model: MaskRCNN):
@@ -43,11 +44,16 @@ class DetectionGraph(nn.Module):
         features = m.features(image, TORCHVISION)  # torchvision's arithmetic, as the fp32 eager model
         proposals = self.proposals(image, features, size)
         boxes, scores, labels = self.detections(pooled_levels(features), proposals, size, score_thresh, max_detections)
-        pooled = self.pool(pooled_levels(features), boxes, m.mask_pooler, size[0])
-        mask_features = m.mask_head(pooled, TORCHVISION.norms)
-        mask_logits = m.mask_predictor(mask_features, TORCHVISION.mask_upsampling)  # every class: mask_classes="all"
-        picked = mask_logits[torch.arange(labels.shape[0]), labels]
-        return boxes, scores, labels, picked.sigmoid()
+        outputs = (boxes, scores, labels)  # then the branches' outputs: runtime.output_names
+        if m.config.masks:
+            pooled = self.pool(pooled_levels(features), boxes, m.mask_pooler, size[0])
+            mask_features = m.mask_head(pooled, TORCHVISION.norms)
+            mask_logits = m.mask_predictor(mask_features, TORCHVISION.mask_upsampling)  # every class, as "all"
+            outputs += (mask_logits[torch.arange(labels.shape[0]), labels].sigmoid(),)
+        if m.config.keypoints:
+            pooled = self.pool(pooled_levels(features), boxes, m.keypoint_pooler, size[0])
+            outputs += (m.keypoint_predictor(m.keypoint_head(pooled, TORCHVISION.norms)),)
+        return outputs
 
     def proposals(self, image: torch.Tensor, features: list[torch.Tensor], size: torch.Tensor) -> torch.Tensor:
         """RegionProposalNetwork.candidates + suppress for batch 1, with the top-k size read off the shapes."""

@@ -22,16 +22,24 @@ import torch
 from ..errors import MaskRCNNError
 from ..modeling.model import ModelConfig
 from ..modeling.settings import InferenceSettings
+from ..modeling.keypoints import heatmaps_to_keypoints, keypoint_names
 from ..modeling.postprocess import MASK_PASTE_MODES, crop_bounds, cut_crops
+from ..modeling.transform import rescale_keypoints
 
 METADATA_KEY = "maskrcnn"            # ONNX metadata_props key and TorchScript extra file name
 METADATA_FORMAT = "maskrcnn.export.v1"
 INPUT_NAMES = ("image", "image_size", "score_thresh", "max_detections")
-OUTPUT_NAMES = ("boxes", "scores", "labels", "mask_probs")
+OUTPUT_NAMES = ("boxes", "scores", "labels", "mask_probs")  # a mask model's; see output_names
 UNTRUSTED_TORCHSCRIPT = (
     "{path}: a TorchScript file from `maskrcnn export`; TorchScript is a program that runs its own code when "
     "loaded, so it runs only on request: add --trust-torchscript (Predictor(..., trust_torchscript=True)) if you "
     "made this file or trust where it came from, or use the checkpoint or an .onnx export instead")
+
+
+def output_names(config: ModelConfig) -> tuple[str, ...]:
+    """The graph's outputs, in order: boxes, scores, labels, then mask_probs (K, 28, 28) with a mask branch
+    and keypoint_heatmaps (K, keypoints, 56, 56) logits with a keypoint branch."""
+    return OUTPUT_NAMES[:3] + ("mask_probs",) * bool(config.masks) + ("keypoint_heatmaps",) * bool(config.keypoints)
 
 
 def is_exported_file(source) -> bool:
@@ -74,6 +82,7 @@ class ExportedModel:
             raise MaskRCNNError(f"{source}: damaged maskrcnn metadata ({e})") from None
         self.source = source
         self._run_graph = run_graph
+        self.keypoint_names, self.skeleton = keypoint_names(self.config), [tuple(e) for e in self.config.skeleton]
 
     @classmethod
     def load(cls, path: str | os.PathLike, trust_torchscript: bool = False) -> "ExportedModel":
@@ -134,11 +143,19 @@ class ExportedModel:
             raise MaskRCNNError(f"expected a (3, H, W) image, got shape {image.shape}")
         height, width = image.shape[-2:]
         batch, size = self.preprocess(image)
-        boxes, scores, labels, mask_probs = self._run_graph(
+        outputs = dict(zip(output_names(self.config), self._run_graph(
             batch, np.asarray(size, dtype=np.int64), np.asarray(settings.score_thresh, dtype=np.float32),
-            np.asarray(settings.detections_per_img, dtype=np.int64))
-        boxes = rescale_boxes(boxes, size, (height, width))
-        out = {"boxes": boxes, "labels": labels.astype(np.int64), "scores": scores}
+            np.asarray(settings.detections_per_img, dtype=np.int64))))
+        boxes = rescale_boxes(outputs["boxes"], size, (height, width))
+        out = {"boxes": boxes, "labels": outputs["labels"].astype(np.int64), "scores": outputs["scores"]}
+        if "keypoint_heatmaps" in outputs:  # decoded as the eager model decodes them (torch, on the CPU)
+            points, point_scores = heatmaps_to_keypoints(torch.from_numpy(outputs["keypoint_heatmaps"]),
+                                                         torch.from_numpy(outputs["boxes"]))
+            out.update(keypoints=rescale_keypoints(points, size, (height, width)).numpy(),
+                       keypoints_scores=point_scores.numpy())
+        if "mask_probs" not in outputs:
+            return {**out, "image_size": np.array([height, width])} if masks == "crops" else out
+        mask_probs = outputs["mask_probs"]
         if masks == "crops":
             crops, offsets = paste_masks_in_crops(mask_probs, boxes, (height, width), mode=self.config.mask_paste,
                                                   threshold=mask_threshold)
@@ -179,7 +196,7 @@ def _open_onnx(path: Path):
     def run(image, image_size, score_thresh, max_detections):
         feeds = dict(zip(INPUT_NAMES, (image, image_size, score_thresh, max_detections)))
         try:
-            return session.run(list(OUTPUT_NAMES), feeds)
+            return session.run(None, feeds)  # every output, in the graph's order (output_names)
         except Exception as e:  # onnxruntime's own exception types
             raise _graph_failure(path, e) from None
 

@@ -20,6 +20,11 @@ COCO_PERSON_SKELETON = (
 )
 
 
+def keypoint_names(config) -> list[str]:
+    """A ModelConfig's keypoint names (keypoint_<i> where the weights came without them); [] without keypoints."""
+    return list(config.keypoint_names) or [f"keypoint_{i}" for i in range(1, config.keypoints + 1)]
+
+
 def heatmaps_to_keypoints(maps: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K, S, S) heatmap logits of N boxes (N, 4) -> keypoints (N, K, 3) = (x, y, 1) and scores (N, K).
 

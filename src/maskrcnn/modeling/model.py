@@ -18,7 +18,7 @@ from .box_head import BoxPredictor, ConvFCBoxHead, MLPBoxHead, SplitMLPBoxHead
 from .boxes import BoxCoder
 from .fpn import FPN, pooled_levels
 from .keypoint_head import KeypointHead, KeypointPredictor
-from .keypoints import heatmaps_to_keypoints
+from .keypoints import heatmaps_to_keypoints, keypoint_names
 from .mask_head import MaskHead, MaskPredictor
 from .plan import PRECISIONS, Plan, inference_plan
 from .poolers import MultiLevelRoIAlign
@@ -250,7 +250,7 @@ class MaskRCNN(nn.Module):
     @property
     def keypoint_names(self) -> list[str]:
         """The keypoints' names (keypoint_<i> where the weights came without them); [] without keypoints."""
-        return list(self.config.keypoint_names) or [f"keypoint_{i}" for i in range(1, self.config.keypoints + 1)]
+        return keypoint_names(self.config)
 
     @property
     def skeleton(self) -> list[tuple[int, int]]:
