@@ -30,10 +30,7 @@ def torchvision_reference(version: str = "v1", num_classes: int = 91, seed: int 
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         model.roi_heads.box_predictor.cls_score.weight.mul_(classifier_scale)
-        for m in model.modules():
-            if getattr(m, "running_var", None) is not None:
-                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.2 - 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+        randomise_norm_statistics(model, g)
     return model.eval()
 
 
@@ -61,8 +58,13 @@ def torchvision_keypoint_reference(seed: int = 0, classifier_scale: float = 0.4,
     with torch.no_grad():
         model.roi_heads.box_predictor.cls_score.weight.mul_(classifier_scale)
         model.roi_heads.box_predictor.cls_score.bias[1] += (-3.0 if masks else 3.0) if person_bias is None else person_bias
-        for m in model.modules():
-            if getattr(m, "running_var", None) is not None:
-                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.2 - 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+        randomise_norm_statistics(model, g)
     return model.eval()
+
+
+def randomise_norm_statistics(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Running means in [-0.1, 0.1) and variances in [0.5, 1.5), so that every norm layer matters."""
+    for m in model.modules():
+        if getattr(m, "running_var", None) is not None:
+            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=generator) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) + 0.5)

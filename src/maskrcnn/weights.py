@@ -304,7 +304,9 @@ def load(source: str | os.PathLike, *, device: str | torch.device = "cpu", score
     """A ready-to-use model in eval mode from a checkpoint path or a registered name (see REGISTRY).
 
     Accepts torchvision Mask R-CNN state dicts (v1 or v2 layout, any class count, architecture read off
-    the keys), our safetensors checkpoints and our training checkpoints. `precision="bf16"` trades
+    the keys), torchvision Keypoint R-CNN ones (keypointrcnn_resnet50_fpn: boxes and keypoints, no masks;
+    17 keypoints get COCO's person keypoint names and skeleton), our safetensors checkpoints and our
+    training checkpoints. `precision="bf16"` trades
     exactness for speed (see MaskRCNN.precision). `mask_paste` overrides the checkpoint's way of pasting
     masks into the image ("exact" is sub-pixel, "torchvision" matches torchvision; see paste_masks).
     `proposals` overrides how many RPN proposals per image reach the box head (the checkpoint's

@@ -7,22 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ConvNormAct, full_precision, init_relu_convs
+from .layers import full_precision
+from .mask_head import MaskHead
 
 
-class KeypointHead(nn.Module):
+class KeypointHead(MaskHead):
+    """The mask head's layout, deeper and wider: eight 3x3 convs of 512 channels with ReLU, no norm
+    (torchvision's KeypointRCNNHeads). (K, C, 14, 14) -> (K, channels, 14, 14)."""
+
     def __init__(self, in_channels: int, channels: int = 512, num_convs: int = 8):
-        super().__init__()
-        self.convs = nn.Sequential(*(ConvNormAct(in_channels if i == 0 else channels, channels, 3)
-                                     for i in range(num_convs)))
-        self.out_channels = channels
-        init_relu_convs(self)
-
-    def forward(self, x: torch.Tensor, folding: str) -> torch.Tensor:
-        """(K, C, 14, 14) -> (K, channels, 14, 14). `folding`: plan.NORM_FOLDING (the convs have no norm)."""
-        for conv in self.convs:
-            x = conv(x, folding)
-        return x
+        super().__init__(in_channels, channels, num_convs)
 
 
 class KeypointPredictor(nn.Module):

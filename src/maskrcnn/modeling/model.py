@@ -2,6 +2,7 @@
 
     images -> transform -> backbone -> FPN -> RPN proposals -> box branch -> detections
            -> mask branch -> masks pasted into the input image
+           -> keypoint branch (Keypoint R-CNN; ModelConfig.keypoints > 0) -> keypoints in the input image
 """
 
 from __future__ import annotations
@@ -294,7 +295,10 @@ class MaskRCNN(nn.Module):
         (N, 1, H, W), `mask_crops` (a list of N (h_i, w_i) probability tensors, 0 outside them),
         `mask_offsets` (N, 2) int64 (row, column of each crop's top-left pixel) and `image_size` (H, W);
         the same values, for the crops' memory instead of N x H x W floats. With a `mask_threshold` the crops
-        are boolean (probability >= threshold) as soon as each is pasted."""
+        are boolean (probability >= threshold) as soon as each is pasted. A model without a mask branch
+        (config.masks False) returns no masks (with masks="crops", only `image_size`); one with a keypoint
+        branch adds `keypoints` (N, K, 3) = x, y, 1 in input pixels and `keypoints_scores` (N, K), the
+        heatmap logit at each keypoint, as torchvision's Keypoint R-CNN."""
         if masks not in self.MASK_OUTPUTS:
             raise ValueError(f"masks must be one of {self.MASK_OUTPUTS}, got {masks!r}")
         original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
