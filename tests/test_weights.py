@@ -191,3 +191,21 @@ def test_registered_file_in_cache_is_used(monkeypatch, tmp_path):
     torch.save(torchvision_reference("v2").state_dict(), path)
     model = maskrcnn.load("torchvision:maskrcnn_resnet50_fpn_v2_coco")
     assert model.config.box_head == "conv" and model.class_names[18] == "dog"
+
+
+def test_keypoint_registry_entry_and_names_are_torchvisions(monkeypatch, tmp_path):
+    from torchvision.models.detection import KeypointRCNN_ResNet50_FPN_Weights
+
+    from conftest import torchvision_keypoint_reference
+    from maskrcnn.modeling.keypoints import COCO_PERSON_KEYPOINT_NAMES
+
+    published = KeypointRCNN_ResNet50_FPN_Weights.COCO_V1
+    url, prefix = weights.REGISTRY["torchvision:keypointrcnn_resnet50_fpn_coco"]
+    assert url == published.url and url.endswith(f"-{prefix}.pth")
+    assert list(COCO_PERSON_KEYPOINT_NAMES) == published.meta["keypoint_names"]
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    path = weights.registry_path("torchvision:keypointrcnn_resnet50_fpn_coco")
+    path.parent.mkdir(parents=True)
+    torch.save(torchvision_keypoint_reference().state_dict(), path)
+    model = maskrcnn.load("torchvision:keypointrcnn_resnet50_fpn_coco")
+    assert (model.config.keypoints, model.config.masks, model.class_names) == (17, False, ["__background__", "person"])

@@ -3,6 +3,7 @@ and a keypoint model trains (its loss reaches the keypoint head)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import tiny_model
@@ -76,3 +77,11 @@ def test_keypoint_model_trains():
     sum(losses.values()).backward()
     for name in ("keypoint_predictor.upsample.weight", "keypoint_head.convs.0.conv.weight"):
         assert model.get_parameter(name).grad.abs().sum() > 0, name
+
+
+def test_targets_without_keypoints_are_refused():
+    model = tiny_model(keypoints=3, keypoint_head_channels=32).train()
+    target = {"boxes": torch.tensor([[10.0, 20, 90, 110]]), "labels": torch.tensor([1]),
+              "masks": torch.zeros((1, 120, 160), dtype=torch.uint8)}
+    with pytest.raises(ValueError, match=r"target 0: a model with 3 keypoints needs keypoints of shape \(1, 3, 3\)"):
+        model([torch.rand(3, 120, 160)], [target])
