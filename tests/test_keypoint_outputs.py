@@ -87,6 +87,8 @@ def test_keypoint_settings_are_checked():
         tiny_model(keypoints=3, skeleton=((1, 4),))
     with pytest.raises(ValueError, match="needs a mask branch"):
         tiny_model(masks=False)
+    with pytest.raises(ValueError, match="masks must be true or false"):
+        tiny_model(masks="no")
 
 
 def test_predict_command_writes_keypoint_results(model, val_images, tmp_path):

@@ -186,7 +186,9 @@ def _keypoint_problems(options: dict) -> list[str]:
     count, problems = options.get("keypoints", 0), []
     if not isinstance(count, int) or isinstance(count, bool):
         return problems  # already reported by the numeric rules
-    if options.get("masks") is False and count == 0:
+    if not isinstance(options.get("masks", True), bool):
+        problems.append(f"masks must be true or false, got {options['masks']!r}")
+    elif options.get("masks") is False and count == 0:
         problems.append("a model needs a mask branch (masks) or a keypoint branch (keypoints > 0)")
     names = options.get("keypoint_names", ())
     if names and len(names) != count:
