@@ -66,9 +66,8 @@ class Predictor:
         elif isinstance(weights_or_model, ExportedModel):
             self.model = weights_or_model
         elif is_exported_file(weights_or_model):
-            if precision not in (None, "fp32"):
-                raise MaskRCNNError(f"{weights_or_model}: exported models run in fp32 only, not {precision}")
-            self.model = ExportedModel.load(weights_or_model, trust_torchscript=trust_torchscript)
+            self.model = ExportedModel.load(weights_or_model, trust_torchscript=trust_torchscript,
+                                            precision=precision or "fp32")
         elif isinstance(weights_or_model, torch.nn.Module):
             raise MaskRCNNError(f"expected a maskrcnn MaskRCNN model, got {type(weights_or_model).__name__}; "
                                 "convert torchvision models by saving their state_dict and loading that file")

@@ -1,4 +1,5 @@
-"""Running exported models: ONNX files through ONNX Runtime (CPU), TorchScript files through torch.jit.
+"""Running exported models: ONNX files through ONNX Runtime (CPU), OpenVINO IR (.xml) through OpenVINO
+(`openvino_ir.py`), TorchScript files through torch.jit.
 
 `ExportedModel` has the call interface of `MaskRCNN` at inference (a list of (3,H,W) images in [0,1] ->
 one dict of boxes, labels, scores and (N,1,H,W) mask probabilities per image) plus the attributes
@@ -22,6 +23,7 @@ import torch
 from ..errors import MaskRCNNError
 from ..modeling.model import ModelConfig
 from ..modeling.settings import InferenceSettings
+from .openvino_ir import open_ir
 from ..modeling.postprocess import MASK_PASTE_MODES, crop_bounds, cut_crops
 
 METADATA_KEY = "maskrcnn"            # ONNX metadata_props key and TorchScript extra file name
@@ -39,7 +41,7 @@ def is_exported_file(source) -> bool:
     if not isinstance(source, (str, os.PathLike)):
         return False
     path = Path(source)
-    return path.suffix.lower() == ".onnx" or (path.is_file() and _torchscript_metadata_entry(path) is not None)
+    return path.suffix.lower() in (".onnx", ".xml") or (path.is_file() and _torchscript_metadata_entry(path) is not None)
 
 
 def _torchscript_metadata_entry(path: Path) -> str | None:
@@ -51,7 +53,7 @@ def _torchscript_metadata_entry(path: Path) -> str | None:
 
 
 class ExportedModel:
-    """An exported Mask R-CNN. Always fp32 on the CPU, one image per graph call."""
+    """An exported Mask R-CNN on the CPU, one image per graph call; fp32 (OpenVINO files: also bf16)."""
 
     training = False
     precision = "fp32"
@@ -76,12 +78,21 @@ class ExportedModel:
         self._run_graph = run_graph
 
     @classmethod
-    def load(cls, path: str | os.PathLike, trust_torchscript: bool = False) -> "ExportedModel":
-        """An .onnx file (run by ONNX Runtime) or a TorchScript file from `maskrcnn export`. TorchScript is a
-        program whose code runs when it is loaded, so it is loaded only with `trust_torchscript=True`."""
+    def load(cls, path: str | os.PathLike, trust_torchscript: bool = False,
+             precision: str = "fp32") -> "ExportedModel":
+        """An .onnx file (run by ONNX Runtime), an OpenVINO .xml (its .bin beside it) or a TorchScript file from
+        `maskrcnn export`. TorchScript is a program whose code runs when it is loaded, so it is loaded only
+        with `trust_torchscript=True`. `precision`: "fp32"; OpenVINO files also "bf16"."""
         path = Path(path)
         if not path.is_file():
             raise MaskRCNNError(f"{path}: model file not found")
+        if path.suffix.lower() == ".xml":
+            run, text = open_ir(path, METADATA_KEY, INPUT_NAMES, OUTPUT_NAMES, precision, torch.get_num_threads())
+            model = cls(run, _parse_metadata(text, path), str(path))
+            model.precision = precision
+            return model
+        if precision != "fp32":
+            raise MaskRCNNError(f"{path}: exported models run in fp32 only (OpenVINO files also bf16), not {precision}")
         if path.suffix.lower() == ".onnx":
             return cls(*_open_onnx(path), str(path))
         if _torchscript_metadata_entry(path) is None:  # read from the zip's index: nothing of it runs
@@ -115,8 +126,9 @@ class ExportedModel:
 
     def _checked(self, settings: InferenceSettings | None) -> InferenceSettings:
         settings = settings or InferenceSettings.defaults_of(self)
-        if settings.precision != "fp32":
-            raise MaskRCNNError(f"{self.source}: exported models run in fp32 only, not {settings.precision}")
+        if settings.precision != self.precision:
+            raise MaskRCNNError(f"{self.source}: exported models run in {self.precision} only, not "
+                               f"{settings.precision}")
         if settings.nms_thresh != self.config.nms_thresh:
             raise MaskRCNNError(f"{self.source}: the exported graph's NMS threshold is {self.config.nms_thresh}; "
                                 f"it cannot run with nms_thresh {settings.nms_thresh}")
