@@ -8,7 +8,10 @@ output into numpy `Detections` with boolean masks.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import torch
@@ -143,16 +146,10 @@ class Predictor:
                 yield (path, image, result) if with_images else (path, result)
 
         try:
-            for path in paths:
-                try:
-                    image = read_image(path, self.max_pixels)
-                    tensor = to_float_tensor(image)
-                except (MaskRCNNError, ValueError, MemoryError, RuntimeError) as error:
-                    if isinstance(error, RuntimeError) and not is_out_of_memory(error):
-                        raise
+            for path, image, tensor, error in self._read_ahead(paths):
+                if error is not None:
                     yield from flush()  # keep the output in input order
                     bar.update(1)
-                    error = as_user_error(path, error)
                     yield (path, None, error) if with_images else (path, error)
                     continue
                 pending.append((path, image, tensor))
@@ -161,6 +158,36 @@ class Predictor:
             yield from flush()
         finally:
             bar.close()
+
+    def _read_ahead(self, paths: list) -> Iterator[tuple]:
+        """(path, image, tensor, None) or (path, None, None, one-line error) per path, in order. A background
+        thread decodes the next files (up to one batch ahead) while the model runs on the current batch:
+        decoding releases the GIL, so it overlaps the model instead of adding to it; memory stays bounded
+        by two batches of images."""
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maskrcnn-read")
+        try:
+            upcoming = iter(paths)
+            queue = deque((path, pool.submit(self._read_file, path))
+                          for path in itertools.islice(upcoming, self.batch_size + 1))
+            while queue:
+                path, future = queue.popleft()
+                following = next(upcoming, None)
+                if following is not None:
+                    queue.append((following, pool.submit(self._read_file, following)))
+                yield (path, *future.result())
+        finally:  # also when the caller stops early: files not started yet are not read
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _read_file(self, path) -> tuple:
+        """(image, tensor, None), or (None, None, one-line error) for a file that cannot be read, is over
+        max_pixels or does not fit in memory; anything else is a bug and raises."""
+        try:
+            image = read_image(path, self.max_pixels)
+            return image, to_float_tensor(image), None
+        except (MaskRCNNError, ValueError, MemoryError, RuntimeError) as error:
+            if isinstance(error, RuntimeError) and not is_out_of_memory(error):
+                raise
+            return None, None, as_user_error(path, error)
 
     # ------------------------------------------------------------------------------------------ internals
 

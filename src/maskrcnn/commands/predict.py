@@ -18,7 +18,7 @@ import hashlib
 import io
 import json
 import sys
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -149,22 +149,51 @@ def _report(message: str) -> None:
 
 
 def _predict_images(predictor, items: list[InputItem], out: Path, args, progress: bool, done) -> None:
-    """Predict the images, write their files and hand each one's record to `done`, in input order."""
-    from ..predictor import as_user_error, is_out_of_memory
+    """Predict the images, write their files and hand each one's record to `done`, in input order.
+
+    Writing (drawing overlays, encoding PNGs, the journal line) runs in one background thread while the model
+    works on the next batch; at most two images wait to be written, so memory stays bounded, and the order
+    of the journal is the input order. After a write error nothing more is written (the journal stays a
+    prefix of the inputs, as without the thread) and the error stops the run."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    failed = threading.Event()
+
+    def finish(item, image, result):
+        if failed.is_set():
+            return
+        try:
+            _finish_image(item, image, result, out, args, done)
+        except BaseException:
+            failed.set()
+            raise
 
     results = predictor.predict_files([item.path for item in items], progress=progress, with_images=True)
-    for item, (_, image, result) in zip(items, results):  # predict_files keeps the input order
-        record = InputRecord(str(item.path), item.output_name)
-        if isinstance(result, Exception):
-            done(record.fail(result))
-            continue
-        try:
-            _write_image_outputs(record, result, image, out, args)
-        except (MemoryError, RuntimeError) as error:  # drawing or mapping a huge image
-            if not is_out_of_memory(error):
-                raise
-            record.fail(as_user_error(item.path, error))
-        done(record)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="maskrcnn-write") as pool:
+        waiting: deque = deque()
+        for item, (_, image, result) in zip(items, results):  # predict_files keeps the input order
+            waiting.append(pool.submit(finish, item, image, result))
+            while len(waiting) > 2:
+                waiting.popleft().result()  # re-raises what went wrong while writing
+        while waiting:
+            waiting.popleft().result()
+
+
+def _finish_image(item: InputItem, image, result, out: Path, args, done) -> None:
+    from ..predictor import as_user_error, is_out_of_memory
+
+    record = InputRecord(str(item.path), item.output_name)
+    if isinstance(result, Exception):
+        done(record.fail(result))
+        return
+    try:
+        _write_image_outputs(record, result, image, out, args)
+    except (MemoryError, RuntimeError) as error:  # drawing or mapping a huge image
+        if not is_out_of_memory(error):
+            raise
+        record.fail(as_user_error(item.path, error))
+    done(record)
 
 
 def _write_image_outputs(record: InputRecord, result, image, out: Path, args) -> None:
