@@ -170,27 +170,30 @@ def openvino_runners(weights: Path, xml: Path) -> dict:
 
 
 def trained_agreement(args) -> None:
-    """bf16 vs fp32 of one trained checkpoint (ours) on a folder of images: how many fp32 detections
-    bf16 keeps. A random-weight network is chaotic (a 1e-6 change moves its boxes), so its bf16
+    """Each faster precision vs fp32 of one trained checkpoint (ours) on a folder of images: how many fp32
+    detections it keeps. A random-weight network is chaotic (a 1e-6 change moves its boxes), so its
     agreement says little about a trained model's; this measures a trained one."""
     paths = sorted(p for p in Path(args.agreement_images).iterdir() if p.suffix.lower() in (".jpg", ".png"))
     paths = paths[: args.agreement_num_images]
     if not paths:
         sys.exit(f"no .jpg/.png images in {args.agreement_images}")
+    faster = [p for p in args.precisions if p != "fp32"] or ["bf16"]
     models = {p: maskrcnn.load(args.agreement_weights, precision=p, score_thresh=args.agreement_score_thresh)
-              for p in ("fp32", "bf16")}
-    matched = total = 0
-    mask_ious: list[float] = []
+              for p in ("fp32", *faster)}
+    tally = {p: [0, 0, []] for p in faster}
     with torch.no_grad():
         for path in paths:
             image = read_rgb(path)
-            ref, ours = (models[p]([image])[0] for p in ("fp32", "bf16"))
-            m, n, ious = agreement_matched(ref, ours)
-            matched, total, mask_ious = matched + m, total + n, mask_ious + ious
-    print(f"\nbf16 vs fp32 of the trained model {args.agreement_weights} on {len(paths)} images of "
-          f"{args.agreement_images} (score >= {args.agreement_score_thresh}): {matched}/{total} = "
-          f"{100 * matched / max(total, 1):.1f}% of detections matched (same class, box IoU >= 0.9); mean mask IoU "
-          f"{statistics.mean(mask_ious or [0]):.3f}")
+            ref = models["fp32"]([image])[0]
+            for p in faster:
+                m, n, ious = agreement_matched(ref, models[p]([image])[0])
+                tally[p][0], tally[p][1] = tally[p][0] + m, tally[p][1] + n
+                tally[p][2] += ious
+    for p, (matched, total, mask_ious) in tally.items():
+        print(f"\n{p} vs fp32 of the trained model {args.agreement_weights} on {len(paths)} images of "
+              f"{args.agreement_images} (score >= {args.agreement_score_thresh}): {matched}/{total} = "
+              f"{100 * matched / max(total, 1):.1f}% of detections matched (same class, box IoU >= 0.9); "
+              f"mean mask IoU {statistics.mean(mask_ious or [0]):.3f}")
 
 
 def training_step(args) -> None:
@@ -246,7 +249,7 @@ def main() -> None:
     p.add_argument("--num-images", type=int, default=6)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--arch", choices=["v1", "v2"], default="v1")
-    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "fp32-fast", "bf16"])
     p.add_argument("--train", action="store_true", help="also time one training step")
     p.add_argument("--train-only", action="store_true", help="only the training step")
     p.add_argument("--onnx", action="store_true", help="also time our model exported to ONNX, on ONNX Runtime")

@@ -23,6 +23,7 @@ from .errors import MaskRCNNError
 from .export.runtime import ExportedModel, is_exported_file
 from .modeling.model import MaskRCNN
 from .modeling.settings import InferenceSettings
+from .precision import AUTO, cpu_has_native_bf16, resolve_precision
 
 if TYPE_CHECKING:
     from .results import Detections
@@ -42,7 +43,8 @@ class Predictor:
     A TorchScript file is a program that runs its own code: it is loaded only with `trust_torchscript=True`
     (checkpoints are read as tensors and .onnx files by ONNX Runtime, neither runs code from the file).
     Any model runs in eval mode during our calls and gets its own mode back afterwards.
-    `score_thresh`, `max_detections` and `precision` ("fp32", "bf16", "fp16"; None keeps the model's)
+    `score_thresh`, `max_detections` and `precision` ("fp32", "fp32-fast", "bf16", "fp16", or "auto": the
+    fastest with agreement on this device, see maskrcnn/precision.py; None keeps the model's)
     are fixed here, once, as `self.settings` (an `InferenceSettings`, the model's defaults where None) and
     passed to the model on each call: the model and its config are never changed, so one model can serve
     several Predictors with different settings, from several threads.
@@ -66,11 +68,15 @@ class Predictor:
             self.model = weights_or_model
             if device is not None:
                 self.model.to(resolve_device(device))
+            if precision == AUTO:
+                precision = resolve_precision(precision, next(self.model.parameters()).device)
         elif isinstance(weights_or_model, ExportedModel):
             self.model = weights_or_model
+            precision = self.model.precision if precision == AUTO else precision
         elif is_exported_file(weights_or_model):
             self.model = ExportedModel.load(weights_or_model, trust_torchscript=trust_torchscript,
-                                            precision=precision or "fp32")
+                                            precision=exported_precision(weights_or_model, precision))
+            precision = self.model.precision
         elif isinstance(weights_or_model, torch.nn.Module):
             raise MaskRCNNError(f"expected a maskrcnn MaskRCNN model, got {type(weights_or_model).__name__}; "
                                 "convert torchvision models by saving their state_dict and loading that file")
@@ -79,6 +85,7 @@ class Predictor:
 
             self.model = load(weights_or_model, device=resolve_device(device or "cpu"),
                               precision=precision or "fp32")
+            precision = self.model.precision if precision == AUTO else precision
         self.score_thresh = score_thresh
         self.max_detections = max_detections
         self.precision = precision
@@ -241,6 +248,13 @@ class Predictor:
         finally:
             if was_training:
                 self.model.train()
+
+
+def exported_precision(path, precision: str | None) -> str:
+    """What an exported file runs in: fp32, or for OpenVINO files also bf16 ("auto": where the CPU has it)."""
+    if precision == AUTO:
+        return "bf16" if str(path).lower().endswith(".xml") and cpu_has_native_bf16() else "fp32"
+    return precision or "fp32"
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -29,3 +29,11 @@ def add_device_option(p, default: str = "auto") -> None:
 
 def add_trust_option(p) -> None:
     p.add_argument("--trust-torchscript", action="store_true", help=TRUST_HELP)
+
+
+def add_precision_option(p) -> None:
+    """--precision for the commands that predict (predict, demo, serve); see maskrcnn/precision.py."""
+    p.add_argument("--precision", choices=("auto", "fp32", "fp32-fast", "bf16", "fp16"), default="auto",
+                   help="arithmetic: auto (default: bf16 on CPUs with native bf16 (AVX512-BF16 / AMX) and on "
+                        "GPUs that have it, fp32-fast on other CPUs), fp32 (torchvision's arithmetic exactly), "
+                        "fp32-fast (fp32 with folded norms and channels-last), bf16, fp16 (GPU)")

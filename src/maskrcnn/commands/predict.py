@@ -25,7 +25,7 @@ from pathlib import Path
 from ..checks import COUNT, NON_NEGATIVE
 from ..data.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PIXELS_HELP
 from ..files import write_text_atomic
-from ._options import add_detection_options, add_device_option, add_trust_option
+from ._options import add_detection_options, add_device_option, add_precision_option, add_trust_option
 from ._predict_inputs import InputItem, assign_output_names, expand_inputs
 
 NAME = "predict"
@@ -46,8 +46,7 @@ def add_arguments(p) -> None:
                         "finishes. A finished run's journal is replaced by a new run, an interrupted one is "
                         "refused without --resume")
     add_detection_options(p, 0.5, "0.05 is usual for COCO evaluation")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="arithmetic: fp32 (exact, default), bf16 (faster on recent CPUs/GPUs), fp16 (GPU)")
+    add_precision_option(p)
     add_device_option(p)
     p.add_argument("--batch-size", type=COUNT.flag, default=1, metavar="N", help="images per forward pass (default 1)")
     add_trust_option(p)
