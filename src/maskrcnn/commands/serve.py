@@ -1,0 +1,76 @@
+"""maskrcnn serve: the model behind HTTP (JSON API, overlay PNG, a web page, Prometheus metrics).
+
+The routes are in maskrcnn/serve/app.py; this module reads the flags and runs uvicorn."""
+
+from __future__ import annotations
+
+from ..checks import COUNT, NON_NEGATIVE, PORT, POSITIVE
+from ._options import (add_detection_options, add_device_option, add_max_pixels_option, add_precision_option,
+                       add_trust_option, add_weights_option, predictor_options)
+
+NAME = "serve"
+HELP = "serve the model over HTTP: JSON API, overlay PNG, a web page and Prometheus metrics"
+ORDER = 15
+
+DEFAULT_MAX_PIXELS = 24_000_000
+DEFAULT_MAX_PIXELS_HELP = (
+    "24 MP (a 24 MP camera photo passes): every queued image is held decoded, 3 bytes a pixel, so the queue "
+    "alone may hold --queue-size x 72 MB; raise it for larger photos")
+SHUTDOWN_S = 8.0  # SIGTERM: in-flight requests get this long, so the process is gone within 10 s
+
+
+def add_arguments(p) -> None:
+    add_weights_option(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=PORT.flag, default=8000, help="TCP port (default 8000)")
+    add_precision_option(p)
+    add_device_option(p)
+    add_detection_options(p, 0.5, "requests may ask for another with ?score_thresh=")
+    add_trust_option(p)
+    p.add_argument("--queue-size", type=COUNT.flag, default=16, metavar="N",
+                   help="images that may wait for the model; more get 503 with Retry-After (default 16)")
+    p.add_argument("--max-batch", type=COUNT.flag, default=1, metavar="N",
+                   help="run up to N queued images as one batch (default 1: answers equal `maskrcnn predict`'s "
+                        "exactly; batches pad images to one size, which changes results slightly)")
+    p.add_argument("--batch-wait-ms", type=NON_NEGATIVE.flag, default=2.0, metavar="MS",
+                   help="with --max-batch > 1, wait up to MS milliseconds for more images (default 2)")
+    p.add_argument("--max-upload-mb", type=POSITIVE.flag, default=20.0, metavar="MB",
+                   help="refuse request bodies over MB megabytes with 413, without reading them (default 20)")
+    add_max_pixels_option(p, DEFAULT_MAX_PIXELS, DEFAULT_MAX_PIXELS_HELP)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from ..devices import resolve_device
+    from ..errors import MaskRCNNError
+    from ..predictor import Predictor
+    from ..serve.app import ServeOptions, create_app
+    from ..serve.limits import Limits
+
+    device = resolve_device(args.device)  # a bad --device is one line before anything starts
+    settings = predictor_options(args)
+    limits = Limits(max_upload_bytes=round(args.max_upload_mb * 1e6), max_pixels=settings.pop("max_pixels"))
+    options = ServeOptions(limits=limits, queue_size=args.queue_size, max_batch=args.max_batch,
+                           batch_wait_s=args.batch_wait_ms / 1000, drain_s=SHUTDOWN_S)
+    failure: list[str] = []
+
+    def load():
+        return Predictor(args.weights, device=device, max_pixels=None, **settings)
+
+    def on_load_failure(message: str) -> None:
+        failure.append(message)
+        server.should_exit = True
+
+    app = create_app(load, options, on_load_failure)
+    config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="on", log_level="info",
+                            timeout_graceful_shutdown=SHUTDOWN_S)
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits when it cannot listen (its own log line says why)
+        raise MaskRCNNError(f"cannot listen on {args.host}:{args.port}") from None
+    if failure:
+        raise MaskRCNNError(failure[0])
+    return 0
