@@ -3,6 +3,7 @@ random checkpoint (conftest.tiny_model), one thread, talked to with httpx."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -19,9 +20,13 @@ from conftest import tiny_model
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def save_tiny_checkpoint(folder: Path, **options) -> Path:
+def save_tiny_checkpoint(folder: Path, **config_changes) -> Path:
+    """conftest.tiny_model saved as a checkpoint; `config_changes` (e.g. min_size) go into its saved config,
+    which the server's model is built from."""
+    model = tiny_model()
+    model.config = dataclasses.replace(model.config, **config_changes)
     path = folder / "tiny.safetensors"
-    maskrcnn.save_checkpoint(tiny_model(**options), path)
+    maskrcnn.save_checkpoint(model, path)
     return path
 
 
