@@ -56,11 +56,14 @@ class ModelService:
             raise HTTPProblem(503, "the model is still loading", {"Retry-After": "1"})
 
     def describe(self, limits: dict, batching: dict) -> dict:
+        from ..viz import class_color
+
         predictor = self.predictor
         model = predictor.model
         settings = predictor.settings
         return {
             "class_names": predictor.class_names,
+            "class_colors": [list(class_color(i)) for i in range(len(predictor.class_names))],  # as in overlays
             "architecture": {"runtime": "onnx/torchscript" if type(model).__name__ == "ExportedModel" else "pytorch",
                              **model.config.to_dict()},
             "precision": settings.precision, "device": str(predictor.device),
