@@ -237,7 +237,18 @@ async function segment(file) {
   $("drop").classList.add("small");
   $("timing").textContent = `${body.instances.length} found above ${LOWEST_SCORE} in ${Math.round(body.timing_ms.total)} ms`;
   setStatus("");
+  fitCanvas();
   draw();
+}
+
+// The picture as large as the column and the window allow (small photos are scaled up, large ones down).
+function fitCanvas() {
+  if (!state.answer) return;
+  const {width, height} = state.answer;
+  const room = $("viewer").clientWidth;
+  const tall = Math.max(window.innerHeight - 150, 300);
+  const scale = Math.min(room / width, tall / height);
+  $("canvas").style.width = `${Math.floor(width * scale)}px`;
 }
 
 function download() {
@@ -266,6 +277,7 @@ function start() {
   $("canvas").addEventListener("mousemove", hover);
   $("canvas").addEventListener("mouseleave", () => { $("tip").hidden = true; });
   $("download").addEventListener("click", download);
+  window.addEventListener("resize", fitCanvas);
   $("other").addEventListener("click", () => $("file").click());
   loadModel().catch((error) => setStatus(`cannot reach the server: ${error}`, true));
 }
