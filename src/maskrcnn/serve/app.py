@@ -109,52 +109,71 @@ def _copy(source, target) -> None:
 # ---------------------------------------------------------------------------------------------- the app
 
 def create_app(load: Callable[[], object], options: ServeOptions,
-               on_load_failure: Callable[[str], None] | None = None) -> Starlette:
-    """`load()` returns the server's base `Predictor`; it runs in a background thread at startup."""
-    service = ModelService(load)
-    metrics_holder: list[ServerMetrics] = []
-    batcher = Batcher(service.run_batch, options.queue_size, options.max_batch, options.batch_wait_s,
-                      on_batch=lambda n, s: metrics_holder[0].observe_batch(n, s))
-    metrics = ServerMetrics(lambda: batcher.depth, options.queue_size)
-    metrics_holder.append(metrics)
-    folder_holder: list[UploadFolder] = []
+               on_load_failure: Callable[[str], None] | None = None):
+    """The ASGI app. `load()` returns the server's base `Predictor`; it runs in a background thread at
+    startup, and `on_load_failure(line)` is called if it fails."""
+    server = _Server(load, options, on_load_failure)
+    routes = [Route("/", server.index), Route("/healthz", server.healthz), Route("/v1/model", server.model_info),
+              Route("/v1/predict", server.predict, methods=["POST"]),
+              Route("/v1/predict/overlay", server.overlay, methods=["POST"]),
+              Route("/metrics", server.metrics_page), Mount("/static", StaticFiles(directory=STATIC), name="static")]
+    handlers = {HTTPProblem: _problem, HTTPException: _http_exception, Exception: _unexpected}
+    app = Starlette(routes=routes, lifespan=server.lifespan, exception_handlers=handlers)
+    app.state.service, app.state.batcher = server.service, server.batcher
+    return MetricsMiddleware(app, server.metrics)
+
+
+class _Server:
+    """The parts of one server and its route handlers."""
+
+    def __init__(self, load, options: ServeOptions, on_load_failure):
+        self.options = options
+        self.service = ModelService(load)
+        self.batcher = Batcher(self.service.run_batch, options.queue_size, options.max_batch, options.batch_wait_s,
+                               on_batch=self._observe_batch)
+        self.metrics = ServerMetrics(lambda: self.batcher.depth, options.queue_size)
+        self.folder: UploadFolder | None = None
+        self._on_load_failure = on_load_failure
+
+    def _observe_batch(self, images: int, seconds: float) -> None:
+        self.metrics.observe_batch(images, seconds)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app):
-        folder_holder.append(UploadFolder())
-        batcher.start()
-        service.load_in_background(on_load_failure)
+    async def lifespan(self, app):
+        self.folder = UploadFolder()
+        self.batcher.start()
+        self.service.load_in_background(self._on_load_failure)
         yield
-        batcher.stop(options.drain_s)
-        folder_holder[0].remove()
+        self.batcher.stop(self.options.drain_s)
+        self.folder.remove()
 
-    async def run_model(request: Request):
-        """Shared by /v1/predict and /v1/predict/overlay: (image, detections, timings, mask_format)."""
+    async def run_model(self, request: Request):
+        """Shared by /v1/predict and /v1/predict/overlay: (image, detections, timings, mask_format, batch)."""
         started = time.perf_counter()
-        service.check_ready()
+        self.service.check_ready()
         key, mask_format = parse_query(request)
-        path, shown = await receive_upload(request, options.limits, folder_holder[0])
+        path, shown = await receive_upload(request, self.options.limits, self.folder)
         try:
-            image = await run_in_threadpool(decode_upload, path, shown, options.limits)
+            image = await run_in_threadpool(decode_upload, path, shown, self.options.limits)
         finally:
             path.unlink(missing_ok=True)
         decoded = time.perf_counter()
         try:
-            job = batcher.submit(image, key)
+            job = self.batcher.submit(image, key)
         except QueueFull:
-            raise HTTPProblem(503, f"busy: the queue holds its limit of {options.queue_size} images; try again",
-                              {"Retry-After": str(batcher.retry_after_s())}) from None
+            raise HTTPProblem(503, f"busy: the queue holds its limit of {self.options.queue_size} images; try again",
+                              {"Retry-After": str(self.batcher.retry_after_s())}) from None
         try:
             detections = await job.future
         except MaskRCNNError as error:
-            raise HTTPProblem(422, str(error).replace("None: ", "")) from None
+            raise HTTPProblem(422, str(error)) from None
         timings = {"decode": decoded - started, "queue": job.started - job.enqueued,
                    "inference": job.finished - job.started}
         return image, detections, timings, mask_format, job.batch_size
 
-    async def predict(request: Request):
+    async def predict(self, request: Request):
         started = time.perf_counter()
-        image, detections, timings, mask_format, batch = await run_model(request)
+        image, detections, timings, mask_format, batch = await self.run_model(request)
         encode = time.perf_counter()
         instances = await run_in_threadpool(instances_json, detections, mask_format)
         timings["encode"] = time.perf_counter() - encode
@@ -163,33 +182,26 @@ def create_app(load: Callable[[], object], options: ServeOptions,
         return JSONResponse({"width": width, "height": height, "instances": instances, "batch_size": batch,
                              "timing_ms": {k: round(v * 1000, 2) for k, v in timings.items()}})
 
-    async def overlay(request: Request):
-        image, detections, _, _, _ = await run_model(request)
+    async def overlay(self, request: Request):
+        image, detections, _, _, _ = await self.run_model(request)
         return Response(await run_in_threadpool(_overlay_png, detections, image), media_type="image/png")
 
-    async def healthz(request: Request):
-        service.check_ready()
+    async def healthz(self, request: Request):
+        self.service.check_ready()
         return JSONResponse({"status": "ok"})
 
-    async def model_info(request: Request):
-        service.check_ready()
+    async def model_info(self, request: Request):
+        self.service.check_ready()
+        options = self.options
         batching = {"max_batch": options.max_batch, "batch_wait_ms": options.batch_wait_s * 1000,
                     "queue_size": options.queue_size}
-        return JSONResponse(service.describe(options.limits.describe(), batching))
+        return JSONResponse(self.service.describe(options.limits.describe(), batching))
 
-    async def metrics_page(request: Request):
-        return Response(metrics.exposition(), media_type=metrics.content_type)
+    async def metrics_page(self, request: Request):
+        return Response(self.metrics.exposition(), media_type=self.metrics.content_type)
 
-    async def index(request: Request):
+    async def index(self, request: Request):
         return FileResponse(STATIC / "index.html")
-
-    routes = [Route("/", index), Route("/healthz", healthz), Route("/v1/model", model_info),
-              Route("/v1/predict", predict, methods=["POST"]), Route("/v1/predict/overlay", overlay, methods=["POST"]),
-              Route("/metrics", metrics_page), Mount("/static", StaticFiles(directory=STATIC), name="static")]
-    handlers = {HTTPProblem: _problem, HTTPException: _http_exception, Exception: _unexpected}
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
-    app.state.service, app.state.batcher = service, batcher
-    return MetricsMiddleware(app, metrics)
 
 
 def _overlay_png(detections, image) -> bytes:
