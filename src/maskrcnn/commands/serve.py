@@ -41,6 +41,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    import logging
+
     import uvicorn
 
     from ..devices import resolve_device
@@ -66,11 +68,36 @@ def run(args) -> int:
     app = create_app(load, options, on_load_failure)
     config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="on", log_level="info",
                             timeout_graceful_shutdown=SHUTDOWN_S)
+    ours = logging.getLogger("maskrcnn.serve")  # in uvicorn's format, beside its lines
+    ours.handlers[:], ours.propagate = logging.getLogger("uvicorn").handlers, False
+    ours.setLevel(logging.INFO)
     server = uvicorn.Server(config)
-    try:
-        server.run()
-    except SystemExit:  # uvicorn exits when it cannot listen (its own log line says why)
-        raise MaskRCNNError(f"cannot listen on {args.host}:{args.port}") from None
+    listener = _listen(args.host, args.port)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    ours.info("listening on http://%s:%d/ (the page; the API under /v1/, /healthz, /metrics)", shown, args.port)
+    server.run(sockets=[listener])
     if failure:
         raise MaskRCNNError(failure[0])
     return 0
+
+
+def _listen(host: str, port: int):
+    """The listening socket, bound here so that a port in use is one line before anything starts (uvicorn
+    would start the app, and with it the model's loading, before finding out)."""
+    import socket
+
+    from ..errors import MaskRCNNError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        listener = socket.socket(family, kind, proto)
+    except OSError as error:
+        raise MaskRCNNError(f"--host {host}: {error.strerror or error}") from None
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+    except OSError as error:
+        listener.close()
+        raise MaskRCNNError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return listener

@@ -144,6 +144,7 @@ class _Server:
         self.batcher.start()
         self.service.load_in_background(self._on_load_failure)
         yield
+        self.service.wait_for_loading(self.options.drain_s)
         self.batcher.stop(self.options.drain_s)
         self.folder.remove()
 

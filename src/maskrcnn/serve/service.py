@@ -27,6 +27,7 @@ class ModelService:
         self.error: str | None = None
         self._predictors: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._loading: threading.Thread | None = None
 
     @property
     def ready(self) -> bool:
@@ -45,9 +46,14 @@ class ModelService:
             if self.error is not None and on_failure is not None:
                 on_failure(self.error)
 
-        thread = threading.Thread(target=work, name="maskrcnn-load", daemon=True)
-        thread.start()
-        return thread
+        self._loading = threading.Thread(target=work, name="maskrcnn-load", daemon=True)
+        self._loading.start()
+        return self._loading
+
+    def wait_for_loading(self, timeout: float) -> None:
+        """At shutdown: an interpreter that exits while torch is still loading can abort instead of exiting."""
+        if self._loading is not None:
+            self._loading.join(timeout)
 
     def check_ready(self) -> None:
         if self.error is not None:
