@@ -149,7 +149,7 @@ class _Server:
         self.folder.remove()
 
     async def run_model(self, request: Request):
-        """Shared by /v1/predict and /v1/predict/overlay: (image, detections, timings, mask_format, batch)."""
+        """Shared by /v1/predict and /v1/predict/overlay: (image, detections, timings, mask_format)."""
         started = time.perf_counter()
         self.service.check_ready()
         key, mask_format = parse_query(request)
@@ -170,21 +170,21 @@ class _Server:
             raise HTTPProblem(422, str(error)) from None
         timings = {"decode": decoded - started, "queue": job.started - job.enqueued,
                    "inference": job.finished - job.started}
-        return image, detections, timings, mask_format, job.batch_size
+        return image, detections, timings, mask_format
 
     async def predict(self, request: Request):
         started = time.perf_counter()
-        image, detections, timings, mask_format, batch = await self.run_model(request)
+        image, detections, timings, mask_format = await self.run_model(request)
         encode = time.perf_counter()
         instances = await run_in_threadpool(instances_json, detections, mask_format)
         timings["encode"] = time.perf_counter() - encode
         timings["total"] = time.perf_counter() - started
         height, width = image.shape[:2]
-        return JSONResponse({"width": width, "height": height, "instances": instances, "batch_size": batch,
+        return JSONResponse({"width": width, "height": height, "instances": instances,
                              "timing_ms": {k: round(v * 1000, 2) for k, v in timings.items()}})
 
     async def overlay(self, request: Request):
-        image, detections, _, _, _ = await self.run_model(request)
+        image, detections, _, _ = await self.run_model(request)
         return Response(await run_in_threadpool(_overlay_png, detections, image), media_type="image/png")
 
     async def healthz(self, request: Request):
