@@ -54,7 +54,7 @@ def test_batches_group_equal_settings_and_answer_each_job_with_its_own_result():
     assert isinstance(results[6], ValueError) and str(results[6]) == "image 13 is bad"
 
 
-def test_a_full_queue_refuses_at_once_and_stop_finishes_what_is_queued():
+def test_a_full_queue_refuses_at_once():
     model = StandIn()
     batcher = Batcher(model, queue_size=2, max_batch=1)
     batcher.start()
@@ -72,3 +72,22 @@ def test_a_full_queue_refuses_at_once_and_stop_finishes_what_is_queued():
     assert asyncio.run(scenario()) == [(1, None, 1), (2, None, 1), (3, None, 1)]
     batcher.stop(5)
     assert batcher.depth == 0 and not batcher._thread.is_alive()
+
+
+def test_stop_lets_the_running_batch_finish_and_cancels_the_queued_jobs():
+    model = StandIn()
+    batcher = Batcher(model, queue_size=4, max_batch=1)
+    batcher.start()
+
+    async def scenario():
+        running = batcher.submit(image(1), None)
+        await asyncio.sleep(0.1)
+        queued = batcher.submit(image(2), None)
+        await asyncio.to_thread(batcher.stop, 0.1)  # returns while the running batch waits at the gate
+        model.gate.set()
+        return await running.future, await asyncio.gather(queued.future, return_exceptions=True)
+
+    result, (queued,) = asyncio.run(scenario())
+    assert result == (1, None, 1) and isinstance(queued, asyncio.CancelledError)
+    batcher._thread.join(5)
+    assert not batcher._thread.is_alive() and model.batches == [([1], None)]

@@ -16,7 +16,8 @@ DEFAULT_MAX_PIXELS = 24_000_000
 DEFAULT_MAX_PIXELS_HELP = (
     "24 MP (a 24 MP camera photo passes): every queued image is held decoded, 3 bytes a pixel, so the queue "
     "alone may hold --queue-size x 72 MB; raise it for larger photos")
-SHUTDOWN_S = 8.0  # SIGTERM: in-flight requests get this long, so the process is gone within 10 s
+# SIGTERM: in-flight requests get DRAIN_S to finish, then the model's work FINISH_S; gone within 10 s.
+DRAIN_S, FINISH_S = 7.0, 1.5
 
 
 def add_arguments(p) -> None:
@@ -55,7 +56,7 @@ def run(args) -> int:
     settings = predictor_options(args)
     limits = Limits(max_upload_bytes=round(args.max_upload_mb * 1e6), max_pixels=settings.pop("max_pixels"))
     options = ServeOptions(limits=limits, queue_size=args.queue_size, max_batch=args.max_batch,
-                           batch_wait_s=args.batch_wait_ms / 1000, drain_s=SHUTDOWN_S)
+                           batch_wait_s=args.batch_wait_ms / 1000, finish_s=FINISH_S)
     failure: list[str] = []
 
     def load():
@@ -67,7 +68,7 @@ def run(args) -> int:
 
     app = create_app(load, options, on_load_failure)
     config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="on", log_level="info",
-                            timeout_graceful_shutdown=SHUTDOWN_S)
+                            timeout_graceful_shutdown=DRAIN_S)
     ours = logging.getLogger("maskrcnn.serve")  # in uvicorn's format, beside its lines
     ours.handlers[:], ours.propagate = logging.getLogger("uvicorn").handlers, False
     ours.setLevel(logging.INFO)

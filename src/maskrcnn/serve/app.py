@@ -44,7 +44,9 @@ class ServeOptions:
     queue_size: int = 16
     max_batch: int = 1
     batch_wait_s: float = 0.0
-    drain_s: float = 8.0   # at shutdown, how long queued images may still run
+    # At shutdown, after uvicorn has let the in-flight requests finish: how long the model's loading or its
+    # current batch may still take before the process ends.
+    finish_s: float = 1.5
 
 
 def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -144,8 +146,8 @@ class _Server:
         self.batcher.start()
         self.service.load_in_background(self._on_load_failure)
         yield
-        self.service.wait_for_loading(self.options.drain_s)
-        self.batcher.stop(self.options.drain_s)
+        self.service.wait_for_loading(self.options.finish_s)
+        self.batcher.stop(self.options.finish_s)
         self.folder.remove()
 
     async def run_model(self, request: Request):

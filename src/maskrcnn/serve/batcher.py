@@ -78,7 +78,15 @@ class Batcher:
         return max(1, round(self.depth * self._seconds_per_image + 0.5))
 
     def stop(self, timeout: float) -> None:
-        """Finish what is queued, then end the worker (waits at most `timeout` seconds)."""
+        """End the worker once its current batch is done (waits at most `timeout` seconds). Jobs still queued
+        are cancelled: the server stops only after its requests have been answered or given up."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.loop.call_soon_threadsafe(job.future.cancel)
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join(timeout)
