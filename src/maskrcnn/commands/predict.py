@@ -22,10 +22,11 @@ from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..checks import COUNT, NON_NEGATIVE
+from ..checks import COUNT
 from ..data.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PIXELS_HELP
 from ..files import write_text_atomic
-from ._options import add_detection_options, add_device_option, add_precision_option, add_trust_option
+from ._options import (add_detection_options, add_device_option, add_max_pixels_option, add_precision_option,
+                       add_trust_option, add_weights_option, predictor_options)
 from ._predict_inputs import InputItem, assign_output_names, expand_inputs
 
 NAME = "predict"
@@ -37,10 +38,7 @@ def add_arguments(p) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image files, folders (their images, sorted), glob patterns or video files "
                         "(.mp4 .avi .mov .mkv .webm)")
-    p.add_argument("--weights", required=True, metavar="SRC",
-                   help="checkpoint file (ours or a torchvision state dict), a registered name, or a file "
-                        "from `maskrcnn export` (.onnx runs on ONNX Runtime, TorchScript only with "
-                        "--trust-torchscript; exported files run on the CPU)")
+    add_weights_option(p)
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder (created if missing); DIR/predictions.jsonl records each input as it "
                         "finishes. A finished run's journal is replaced by a new run, an interrupted one is "
@@ -60,10 +58,7 @@ def add_arguments(p) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in DIR: inputs recorded in predictions.jsonl are skipped "
                         "(failed ones are tried again); refused if it was made with other weights or settings")
-    p.add_argument("--max-pixels", type=NON_NEGATIVE.flag, default=DEFAULT_MAX_PIXELS / 1e6, metavar="MP",
-                   help="refuse images with more than MP million pixels, read from the file header before "
-                        f"decoding (0: no limit). Default {DEFAULT_MAX_PIXELS_HELP}")
-
+    add_max_pixels_option(p, DEFAULT_MAX_PIXELS, DEFAULT_MAX_PIXELS_HELP)
 
 # ---------------------------------------------------------------------------------------------- outputs
 
@@ -310,11 +305,7 @@ def run(args) -> int:
         for message in problems:
             _report(message)
 
-    predictor = Predictor(args.weights, device=device, score_thresh=args.score_thresh,
-                          mask_threshold=args.mask_threshold, batch_size=args.batch_size,
-                          max_detections=args.max_detections, precision=args.precision,
-                          trust_torchscript=args.trust_torchscript,
-                          max_pixels=round(args.max_pixels * 1e6) or None)
+    predictor = Predictor(args.weights, device=device, batch_size=args.batch_size, **predictor_options(args))
     todo = [item for item in items if not previous.get(str(item.path), {}).get("ok")]
     mine = todo[process.rank::process.world_size]
     progress = not args.no_progress and process.is_main
