@@ -42,6 +42,10 @@ BAD_FLAGS = [
     ("demo", "--minutes", "nan"), ("demo", "--minutes", "0"), ("demo", "--iters", "0"),
     ("shapes", "--train", "0"), ("shapes", "--val", "-1"), ("shapes", "--size", "16"), ("shapes", "--seed", "-1"),
     ("inspect", "--score-thresh", "1.5"), ("inspect", "--max-boxes", "0"),
+    ("shapes", "--videos", "-1"), ("shapes", "--frames", "1"),
+    ("track", "--score-thresh", "nan"), ("track", "--mask-threshold", "2"), ("track", "--max-detections", "0"),
+    ("track", "--high-score", "1.5"), ("track", "--low-score", "-0.1"), ("track", "--new-track-score", "inf"),
+    ("track", "--min-hits", "0"), ("track", "--max-missed", "-1"),
 ]
 
 
