@@ -22,21 +22,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from maskrcnn.data.synthetic import CLASS_NAMES  # noqa: E402
-from maskrcnn.data.synthetic_video import render_sequence  # noqa: E402
+from maskrcnn.data.synthetic_video import render_sequence, truth_boxes  # noqa: E402
 from maskrcnn.masks import MaskCrops  # noqa: E402
 from maskrcnn.results import Detections  # noqa: E402
 from maskrcnn.tracking import Tracker  # noqa: E402
 from maskrcnn.tracking.association import box_iou  # noqa: E402
 
 NAMES = ["__background__", *CLASS_NAMES]
-
-
-def truth_boxes(truth) -> np.ndarray:
-    boxes = []
-    for _, _, mask in truth:
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        boxes.append([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1])
-    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
 
 
 def noisy_detections(truth, rng: np.random.Generator, drop: float, size: tuple[int, int]) -> Detections:

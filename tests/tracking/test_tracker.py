@@ -161,3 +161,11 @@ def test_mask_overlap_tells_apart_objects_whose_boxes_agree():
     boxes_only = Tracker(mask_weight=0.0)
     [boxes_only.update(halves([0, 1])) for _ in range(3)]
     assert boxes_only.update(halves([1, 0])).tolist() == [1, 2]  # boxes alone cannot see the swap
+
+
+def test_a_low_score_detection_brings_back_a_lost_track_of_its_class_only():
+    """After a missed frame the object comes back partly hidden (score 0.3): it continues its track; a
+    low-score detection of another class at the same place continues nothing."""
+    seen = [frame((30 + 2 * t, 30, 50 + 2 * t, 50, 1, 0.9)) for t in range(3)]
+    back = frame((38, 30, 58, 50, 1, 0.3), (38, 30, 58, 50, 2, 0.3))
+    assert run(Tracker(), seen + [frame(), back]) == [[-1], [1], [1], [], [1, -1]]

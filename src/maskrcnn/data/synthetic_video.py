@@ -123,20 +123,24 @@ def render_sequence(seed: int, num_frames: int, size: int, images: bool = True):
         yield t, image, truth
 
 
+def truth_boxes(truth) -> np.ndarray:
+    """(N, 4) float32 x1 y1 x2 y2: the box of each ground-truth object's visible mask."""
+    boxes = []
+    for _, _, mask in truth:
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        boxes.append([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1])
+    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+
+
 def truth_entries(file_name: str, t: int, truth) -> list[dict]:
     """Ground truth of one frame in the predictions format, plus `track_id`."""
     from ..results import coco_results, encode_rle
 
     if not truth:
         return []
-    masks = np.stack([mask for _, _, mask in truth])
-    rles = encode_rle(masks)
-    boxes = []
-    for mask in masks:
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        boxes.append([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1])
+    rles = encode_rle(np.stack([mask for _, _, mask in truth]))
     labels = [label for _, label, _ in truth]
-    entries = coco_results(np.asarray(boxes, dtype=np.float32), labels, np.ones(len(truth)), rles,
+    entries = coco_results(truth_boxes(truth), labels, np.ones(len(truth)), rles,
                            fields={"file_name": file_name, "frame": t},
                            category_names=[CLASS_NAMES[label - 1] for label in labels])
     for entry, (track_id, _, _) in zip(entries, truth):

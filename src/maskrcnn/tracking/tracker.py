@@ -7,10 +7,13 @@ Each frame, ByteTrack's two stages, with Mask R-CNN's masks and classes in the s
 1. every track's box is moved to where its motion model expects it (its last mask moved with it);
 2. detections scoring >= `high_score` are matched to the confirmed tracks, lost ones included;
 3. the detections scoring between `low_score` and `high_score` (partly hidden objects, motion blur) may
-   continue the confirmed tracks that are still unmatched and were seen in the previous frame, at a stricter
-   similarity; they never start a track;
-4. the remaining high-score detections are matched to the tentative tracks (born in earlier frames, not yet
-   confirmed), and those scoring >= `new_track_score` start new tentative tracks;
+   continue the confirmed tracks still unmatched, at the stricter `low_min_similarity`; they never start a
+   track. Unlike ByteTrack, lost tracks take part too: the class gate and the mask overlap make a low-score
+   detection of the same object far more likely than one of a stranger, and an object that reappears after
+   an occlusion often does so partly hidden, with a low score;
+4. the same two stages for the tentative tracks (born in earlier frames, not confirmed yet) with the
+   detections left over; then the high-score detections still left that score >= `new_track_score` start
+   new tentative tracks;
 5. a tentative track is confirmed, and gets its id, once matched in `min_hits` frames in a row (so one
    detection, whatever its score, never makes a track); a tentative track that misses a frame ends; a
    confirmed one survives `max_missed` frames without a match (occlusion) before it ends.
@@ -106,10 +109,11 @@ class Tracker:
         tentative = [t for t in self.tracks if not t.confirmed]
 
         matched, left_tracks, high = self._match(confirmed, detections, high, self.min_similarity)
-        recent = [t for t in left_tracks if t.missed == 0]
-        more, _, _ = self._match(recent, detections, low, self.low_min_similarity)
+        more, _, low = self._match(left_tracks, detections, low, self.low_min_similarity)
         matched += more
-        more, _, high = self._match(tentative, detections, high, self.min_similarity)
+        more, left_tracks, high = self._match(tentative, detections, high, self.min_similarity)
+        matched += more
+        more, _, _ = self._match(left_tracks, detections, low, self.low_min_similarity)
         matched += more
 
         for track, index in matched:
