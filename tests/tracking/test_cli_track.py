@@ -119,6 +119,7 @@ def test_detect_and_track_a_video(clip, tmp_path, one_thread):
     ("bad_video", "broken.mp4: cannot read video: OpenCV could not open it"),
     ("no_frame", "detections.json: entry 1 has no 'frame'"),
     ("not_a_list", "detections.json: expected a JSON list of detections"),
+    ("bad_rle", "detections.json: entry 1: 'segmentation' must be a COCO RLE"),
     ("nothing", "give either VIDEO files (with --weights) or --detections FILE"),
     ("bad_line", "--count-line must be four numbers x1,y1,x2,y2"),
 ])
@@ -127,10 +128,12 @@ def test_bad_input_is_one_line(case, expected, tmp_path):
     broken.write_text("not a video")
     detections = tmp_path / "detections.json"
     entry = {"file_name": "a.mp4", "frame": 0, "category_id": 1, "bbox": [0, 0, 4, 4], "score": 0.9}
-    detections.write_text(json.dumps([entry, {k: v for k, v in entry.items() if k != "frame"}]
-                                     if case != "not_a_list" else {"a": 1}))
+    second = {k: v for k, v in entry.items() if k != "frame"}
+    if case == "bad_rle":
+        second = {**entry, "segmentation": {"size": [10, 10], "counts": 5}}
+    detections.write_text(json.dumps([entry, second] if case != "not_a_list" else {"a": 1}))
     argv = {"bad_video": [broken, "--weights", "none.safetensors"], "no_frame": ["--detections", detections],
-            "not_a_list": ["--detections", detections], "nothing": [],
+            "not_a_list": ["--detections", detections], "bad_rle": ["--detections", detections], "nothing": [],
             "bad_line": ["--detections", detections, "--count-line", "1,2,3"]}[case]
     code, out, err = run_cli("track", *argv, "--out", tmp_path / "out")
     assert code == 2 and out == "" and err.count("\n") == 1 and expected in err and err.startswith("maskrcnn track: ")

@@ -42,7 +42,8 @@ def _problem(entry, index: int) -> str | None:
     if not _finite(entry["score"]):
         return f"entry {index}: 'score' must be a finite number"
     segmentation = entry.get("segmentation")
-    if segmentation is not None and not (isinstance(segmentation, dict) and "counts" in segmentation
+    if segmentation is not None and not (isinstance(segmentation, dict)
+                                         and isinstance(segmentation.get("counts"), (str, list))
                                          and isinstance(segmentation.get("size"), list)
                                          and len(segmentation["size"]) == 2):
         return f"entry {index}: 'segmentation' must be a COCO RLE {{'size': [h, w], 'counts': ...}}"
@@ -124,7 +125,11 @@ def _detections(entries: list[dict], class_names, image_size: tuple[int, int]) -
             rle = dict(entry["segmentation"])
             if isinstance(rle["counts"], str):
                 rle["counts"] = rle["counts"].encode("ascii")
-            crops.append(mask_utils.decode(rle).astype(bool))
+            try:
+                crops.append(mask_utils.decode(rle).astype(bool))
+            except (TypeError, ValueError) as error:
+                raise MaskRCNNError(f"{entry['file_name']} frame {entry['frame']}: cannot decode its "
+                                    f"'segmentation' RLE: {error}") from None
         else:
             crops.append(np.zeros((0, 0), dtype=bool))
         offsets.append((0, 0))
