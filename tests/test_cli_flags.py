@@ -172,7 +172,7 @@ def test_device_strings(monkeypatch):
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "predict", "inspect", "demo"])
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "inspect", "demo", "track"])
 def test_bad_device_is_one_line_for_every_command(command, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     image = tmp_path / "a.png"
@@ -181,7 +181,7 @@ def test_bad_device_is_one_line_for_every_command(command, tmp_path, capsys, mon
             "eval": ["--weights", "w.pt", "--annotations", "a.json", "--images", "x"],
             "predict": [str(image), "--weights", "w.pt", "--out", "o"],
             "inspect": [str(image), "--weights", "w.pt", "--out", "o"],
-            "demo": ["--out", "d"]}[command]
+            "demo": ["--out", "d"], "track": [str(image), "--weights", "w.pt", "--out", "o"]}[command]
     assert main([command, *argv, "--device", "tpu"]) == 2
     err = capsys.readouterr().err
     assert err == f"maskrcnn {command}: error: device 'tpu' is not one this tool runs on; choose auto, cpu, cuda " \

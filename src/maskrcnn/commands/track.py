@@ -70,9 +70,11 @@ def _tracker(args):
 
 
 def _check_inputs(args) -> None:
+    from ..devices import resolve_device
     from ..errors import MaskRCNNError
     from ..video import VideoReader
 
+    resolve_device(args.device)  # a bad --device is one line before anything is opened
     if bool(args.videos) == bool(args.detections):
         raise MaskRCNNError("give either VIDEO files (with --weights) or --detections FILE")
     if args.videos and not args.weights:
