@@ -87,6 +87,13 @@ def _check_inputs(args) -> None:
 
 
 def run(args) -> int:
+    from ..errors import MaskRCNNError
+
+    try:
+        import filterpy  # noqa: F401
+        import scipy  # noqa: F401
+    except ImportError as error:
+        raise MaskRCNNError(f"tracking needs the `track` extra (pip install 'maskrcnn[track]'): {error}") from None
     from ..tracking.detections_file import read_detections
 
     _check_inputs(args)
