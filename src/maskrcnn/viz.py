@@ -160,14 +160,16 @@ def _check_inputs(image, boxes, labels, scores, masks):
 
 
 def draw_detections(image: np.ndarray, boxes, labels, scores=None, masks=None, class_names=None, *,
-                    alpha: float = 0.45, show_legend: bool = True, color_by: str = "instance") -> np.ndarray:
+                    alpha: float = 0.45, show_legend: bool = True, color_by: str = "instance", colors=None,
+                    texts=None) -> np.ndarray:
     """Detections drawn onto a copy of `image`; returns (H, W, 3) uint8 RGB.
 
     Masks are tinted with `alpha` opacity and outlined, boxes outlined, and each detection tagged
     "name 0.93"; `masks` are (N, H, W) or a `MaskCrops`. Where masks overlap, the higher score is shown.
     `color_by="instance"` gives every detection its own colour (best for telling touching objects apart);
     `"class"` colours by class (stable across images and video frames). With no detections the image comes
-    back unchanged (as uint8 RGB).
+    back unchanged (as uint8 RGB). `colors` (one RGB per detection) and `texts` (one tag per detection) replace
+    the chosen colouring and the "name score" tags (the tracker's overlay: a colour and an id per track).
     """
     if color_by not in ("instance", "class"):
         raise ValueError(f"color_by must be 'instance' or 'class', got {color_by!r}")
@@ -189,7 +191,9 @@ def draw_detections(image: np.ndarray, boxes, labels, scores=None, masks=None, c
     def name_of(label: int) -> str:
         return class_names[label] if 0 <= label < len(class_names) else f"class {label}"
 
-    if color_by == "class":
+    if colors is not None:
+        colors = np.asarray(colors, dtype=np.uint8).reshape(n, 3)
+    elif color_by == "class":
         colors = np.array([class_color(label) for label in labels], dtype=np.uint8)
     else:
         colors = np.array(instance_colors(n), dtype=np.uint8)
@@ -230,7 +234,10 @@ def draw_detections(image: np.ndarray, boxes, labels, scores=None, masks=None, c
         draw.rectangle([x1, y1, x2, y2], outline=color, width=sizes["line"])
         if masks is None:
             occupied[max(y1, 0):max(y2 + 1, 0), max(x1, 0):max(x2 + 1, 0)] = 1.0
-        text = name_of(int(labels[i])) if scores is None else f"{name_of(int(labels[i]))} {scores[i]:.2f}"
+        if texts is not None:
+            text = str(texts[i])
+        else:
+            text = name_of(int(labels[i])) if scores is None else f"{name_of(int(labels[i]))} {scores[i]:.2f}"
         left, _, right, _ = font.getbbox(text)
         tag_width = right - left + 2 * pad
         # Above the box if there is room, else just inside its top edge; never outside the picture.
