@@ -123,7 +123,10 @@ def test_mask_formats(server, images):
 def test_model_description(server, weights):
     answer = httpx.get(server.url + "/v1/model").json()
     assert answer["class_names"] == ["__background__", "cat", "dog", "bird"]
-    assert (answer["precision"], answer["device"]) == ("fp32", "cpu")
+    # serve's default --precision auto: bf16 on a CPU with native bf16, fp32-fast on others
+    from maskrcnn.precision import cpu_has_native_bf16
+
+    assert (answer["precision"], answer["device"]) == ("bf16" if cpu_has_native_bf16() else "fp32-fast", "cpu")
     assert answer["architecture"]["depth"] == 18 and answer["architecture"]["min_size"] == 128
     assert answer["input_limits"]["max_pixels"] == MAX_PIXELS_MP * 1e6
     assert answer["input_limits"]["max_upload_mb"] == MAX_UPLOAD_MB
