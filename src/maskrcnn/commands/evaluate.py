@@ -1,4 +1,5 @@
-"""maskrcnn eval: COCO box and mask AP of a checkpoint on a COCO-format dataset."""
+"""maskrcnn eval: COCO box and mask AP of a checkpoint on a COCO-format dataset (and keypoint OKS AP when the
+annotations have keypoints and the model predicts them)."""
 
 from __future__ import annotations
 
@@ -76,12 +77,12 @@ def run(args) -> int:
                               mask_threshold=args.mask_threshold, device=device, progress=not args.no_progress)
     known = set(dataset.category_ids[1:])
     scored = [r for r in results if r["category_id"] in known]  # e.g. COCO's unused "N/A" outputs
-    metrics = coco_evaluate(dataset.coco, scored, iou_types=("bbox", "segm"), verbose=False)
+    metrics = coco_evaluate(dataset.coco, scored, verbose=False)  # bbox, segm (+ keypoints when both have them)
 
     print(f"{args.weights} on {args.annotations} ({len(dataset)} images, {len(scored)} detections)")
     print(format_metrics_table(metrics))
     if args.per_class:
-        for task in ("bbox", "segm"):
+        for task in ("bbox", "segm", "keypoints"):
             for name, ap in metrics["per_class"].get(task, {}).items():
                 print(f"{task} AP {100 * ap:5.1f}  {name}")
     if args.out:

@@ -317,11 +317,12 @@ class _Trainer:
     def _evaluate(self, iteration: int, bar) -> None:
         def work():
             metrics = evaluate_model(self.evaluated, self.val_dataset, self.device, self.config.eval_batch_size)
-            summary = {task: metrics[task] for task in ("bbox", "segm") if task in metrics}
+            summary = {task: metrics[task] for task in ("bbox", "segm", "keypoints") if task in metrics}
             self.last_eval = {"iteration": iteration, **summary}
             self.log.evaluation(iteration, summary)
             ap = summary["segm"]["AP"]
-            bar.write(f"iteration {iteration}: val bbox AP {summary['bbox']['AP']:.4f}, segm AP {ap:.4f}")
+            keypoints = f", keypoint AP {summary['keypoints']['AP']:.4f}" if "keypoints" in summary else ""
+            bar.write(f"iteration {iteration}: val bbox AP {summary['bbox']['AP']:.4f}, segm AP {ap:.4f}{keypoints}")
             if self.best_metric is None or ap > self.best_metric:
                 from ..weights import save_checkpoint
 
@@ -360,7 +361,8 @@ class _Trainer:
 
 
 def evaluate_model(model, dataset, device: torch.device, batch_size: int = 4) -> dict:
-    """COCO bbox + segm metrics of `model` on a CocoDataset; leaves the model in the mode it found it."""
+    """COCO bbox + segm (+ keypoints, when both sides have them) metrics of `model` on a CocoDataset; leaves
+    the model in the mode it found it."""
     from .evaluate import coco_evaluate, predict_dataset
 
     was_training = model.training
@@ -368,6 +370,6 @@ def evaluate_model(model, dataset, device: torch.device, batch_size: int = 4) ->
     try:
         results = predict_dataset(model, dataset, category_ids=model.category_ids, batch_size=batch_size,
                                   device=device, progress=False)
-        return coco_evaluate(dataset.coco, results, iou_types=("bbox", "segm"), verbose=False)
+        return coco_evaluate(dataset.coco, results, verbose=False)
     finally:
         model.train(was_training)
