@@ -116,7 +116,7 @@ def mutate(draw, data: dict, folder: Path, keypoints: bool = False) -> str:
     With `keypoints`, the keypoint fields are changed too (and more often than the others)."""
     st, values, keys, file_names, rle_text, polygons = _strategies()
     kinds = ["set", "delete", "number", "polygon", "rle", "file_name", "image", "top", "duplicate"]
-    kind = draw(st.sampled_from(kinds + ["keypoints"] * 4 if keypoints else kinds))
+    kind = draw(st.sampled_from(kinds + ["keypoints"] * len(kinds) if keypoints else kinds))
     if kind == "keypoints":
         return _mutate_keypoints(draw, st, values, data)
     section = draw(st.sampled_from(["images", "annotations", "categories"]))
@@ -180,11 +180,17 @@ def _mutate_keypoints(draw, st, values, data: dict) -> str:
                                                         max_size=4),
                                        st.lists(st.lists(st.integers(-1, 5), max_size=3), max_size=3)))
         return f"category {category.get('id')!r} {key}={category[key]!r}"
-    annotation = data["annotations"][draw(st.integers(0, len(data["annotations"]) - 1))]
-    points = list(annotation.get("keypoints") or [0, 0, 0] * 3)
-    how = draw(st.sampled_from(["value", "visibility", "length", "num_keypoints", "add"]))
+    annotations = data["annotations"]
+    with_keypoints = [a for a in annotations if isinstance(a, dict) and isinstance(a.get("keypoints"), list)]
+    annotation = draw(st.sampled_from(with_keypoints if with_keypoints and draw(st.booleans()) else annotations))
+    if not isinstance(annotation, dict):
+        return "nothing"
+    points = list(annotation.get("keypoints") or [0, 0, 0] * 3) if isinstance(annotation.get("keypoints"), list) \
+        else [0, 0, 0] * 3
+    how = draw(st.sampled_from(["value", "value", "visibility", "length", "num_keypoints", "add"]))
     if how == "value" and points:
-        points[draw(st.integers(0, len(points) - 1))] = draw(values)
+        odd = st.sampled_from([1e308, -1e308, 1e8, math.nan, math.inf, 10 ** 400, 0.5, None, "1", True])
+        points[draw(st.integers(0, len(points) - 1))] = draw(st.one_of(odd, odd, odd, values))
     elif how == "visibility":
         points[draw(st.integers(0, len(points) // 3 - 1)) * 3 + 2] = draw(st.sampled_from([0, 1, 2, 3, -1, 1.5, True]))
     elif how == "length":

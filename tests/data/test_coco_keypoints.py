@@ -150,7 +150,7 @@ def test_keypoint_problems_come_together_and_skip_invalid_leaves_them_out(tmp_pa
     assert dataset[1][1]["keypoints"].shape == (0, 3, 3)
 
 
-@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(st.data())
 def test_malformed_keypoints_never_crash_opening_reading_flipping_or_evaluating(data):
     """coco_fuzz's property (a MaskRCNNError naming the json, or a clean skip; whatever opens is read, flipped

@@ -48,7 +48,9 @@ class _Trainer:
         self.iters_per_epoch, self.total_iters = data.iters_per_epoch, data.total_iters
         # the raw model being trained (its weights are what last.pt saves)
         self.network, self.model_note = build_training_model(config, self.dataset.num_classes,
-                                                             self.dataset.class_names, self.dataset.category_ids)
+                                                             self.dataset.class_names, self.dataset.category_ids,
+                                                             keypoint_names=self.dataset.keypoint_names,
+                                                             skeleton=self.dataset.skeleton)
         self.network.transform.resize_in_training = False  # the data pipeline owns training-time resizing
         self.network.to(device)
         self.network.train()
