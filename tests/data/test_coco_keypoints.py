@@ -117,7 +117,8 @@ KEYPOINT_CASES = {
     "name twice": (lambda data: data["categories"][0].update(keypoints=["nose", "nose", "tail"]),
                    "category 1: 'keypoints' names 'nose' twice"),
     "skeleton out of range": (lambda data: data["categories"][0].update(skeleton=[[1, 2], [0, 3]]),
-                              "category 1: 'skeleton' must be a list of [a, b] keypoint numbers from 1 to 3, has [0, 3]"),
+                              "category 1: 'skeleton' must be a list of [a, b] keypoint numbers from 1 to 3, "
+                              "has [0, 3]"),
     "two keypoint sets": (lambda data: data["categories"][1].update(keypoints=["tail"]),
                           "category 5: 'keypoints' differ from those of category 1 (one model predicts one set of "
                           "keypoints for every class)"),

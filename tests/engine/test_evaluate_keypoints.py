@@ -5,7 +5,6 @@ fed straight in (no model), and predict_dataset carrying a model's keypoints int
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 
@@ -13,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from conftest import coco_mini
+from test_evaluate import _direct  # pycocotools called directly
 from maskrcnn.engine.evaluate import coco_evaluate, default_iou_types, format_metrics_table, predict_dataset
 from maskrcnn.errors import MaskRCNNError
 
@@ -56,20 +55,6 @@ def _noisy(gt: COCO, seed: int = 0) -> list[dict]:
     return results
 
 
-def _direct(gt: COCO, results: list[dict], sigmas=None, cat_ids=None) -> np.ndarray:
-    """COCOeval used the documented way for keypoint results (keypoints, no box)."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        evaluation = COCOeval(gt, gt.loadRes(copy.deepcopy(results)), "keypoints")
-        if sigmas is not None:
-            evaluation.params.kpt_oks_sigmas = sigmas
-        if cat_ids is not None:
-            evaluation.params.catIds = cat_ids
-        evaluation.evaluate()
-        evaluation.accumulate()
-        evaluation.summarize()
-    return evaluation.stats
-
-
 def test_ground_truth_as_results_scores_one(gt, perfect):
     metrics = coco_evaluate(gt, perfect, iou_types=("keypoints",), verbose=False)
     assert set(metrics["keypoints"]) == set(KP_STATS)
@@ -81,7 +66,7 @@ def test_ground_truth_as_results_scores_one(gt, perfect):
 def test_matches_pycocotools_directly(gt):
     noisy = _noisy(gt)
     metrics = coco_evaluate(gt, noisy, iou_types=("keypoints",), verbose=False)
-    expected = _direct(gt, noisy)[:5]
+    expected = _direct(gt, noisy, "keypoints")[:5]
     assert [metrics["keypoints"][name] for name in KP_STATS] == pytest.approx(expected.tolist(), abs=1e-9)
     assert 0.05 < metrics["keypoints"]["AP"] < 0.95  # genuinely between the extremes
 
@@ -91,8 +76,8 @@ def test_boxes_and_masks_beside_keypoints_do_not_change_the_keypoint_ap(gt):
     noisy = _noisy(gt, seed=1)
     with_boxes = [dict(r, bbox=[0.0, 0.0, 5.0, 5.0]) for r in noisy]
     metrics = coco_evaluate(gt, with_boxes, iou_types=("bbox", "keypoints"), verbose=False)
-    assert [metrics["keypoints"][name] for name in KP_STATS] == pytest.approx(_direct(gt, noisy)[:5].tolist(),
-                                                                              abs=1e-9)
+    expected = _direct(gt, noisy, "keypoints")[:5]
+    assert [metrics["keypoints"][name] for name in KP_STATS] == pytest.approx(expected.tolist(), abs=1e-9)
     assert metrics["bbox"]["AP"] < 0.01
 
 
@@ -166,7 +151,7 @@ def test_other_keypoints_use_the_mean_coco_sigma_and_skip_categories_without_key
         reference.dataset = data
         reference.createIndex()
     coco_sigmas = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89]) / 10
-    expected = _direct(reference, results, sigmas=np.full(3, coco_sigmas.mean()), cat_ids=[3])[:5]
+    expected = _direct(reference, results, "keypoints", cat_ids=[3], sigmas=np.full(3, coco_sigmas.mean()))[:5]
     assert [metrics["keypoints"][name] for name in KP_STATS] == pytest.approx(expected.tolist(), abs=1e-9)
     assert 0.05 < metrics["keypoints"]["AP"] < 0.95
     assert list(metrics["per_class"]["keypoints"]) == ["arrow"]
