@@ -29,8 +29,7 @@ def test_person_keypoints_targets_are_the_json_keypoints_of_the_kept_instances()
     data = json.loads(path.read_text())
     category = data["categories"][0]
     assert dataset.keypoint_names == category["keypoints"] and len(dataset.keypoint_names) == 17
-    assert dataset.skeleton == [[a - 1, b - 1] for a, b in category["skeleton"]]
-    assert dataset.skeleton[0] == [15, 13]  # COCO's [16, 14]: left ankle - left knee
+    assert dataset.skeleton == category["skeleton"] and dataset.skeleton[0] == [16, 14]  # 1-based, as COCO's
     checked = 0
     for index, image_id in enumerate(dataset.image_ids):
         annotations = [a for a in data["annotations"] if a["image_id"] == image_id and not a["iscrowd"]]
@@ -76,7 +75,7 @@ def test_keypoints_of_a_mixed_dataset_fill_in_num_keypoints_and_zero_other_categ
         data["annotations"][2]["keypoints"][6:9] = [7, 1, 0]  # unlabelled, yet not at (0, 0)
     folder = _folder(tmp_path, change)
     dataset = CocoDataset(folder / "instances.json", folder)
-    assert dataset.keypoint_names == ["nose", "left_ear", "right_ear"] and dataset.skeleton == [[0, 1], [0, 2]]
+    assert dataset.keypoint_names == ["nose", "left_ear", "right_ear"] and dataset.skeleton == [[1, 2], [1, 3]]
     _, first = dataset[0]
     assert first["labels"].tolist() == [1, 2]
     assert first["keypoints"].tolist() == [[[3, 2, 2], [2, 1, 1], [0, 0, 0]], [[0, 0, 0]] * 3]  # dog: none

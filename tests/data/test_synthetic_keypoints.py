@@ -97,7 +97,7 @@ def _tip_order(outline: np.ndarray) -> np.ndarray:
 def test_left_is_on_the_left_before_and_after_a_flip(figures):
     root, summary, _ = figures
     dataset = CocoDataset(summary["train_annotations"], root / "train")
-    assert dataset.keypoint_names == NAMES and dataset.skeleton == [[0, 1], [0, 2], [1, 3], [2, 4], [3, 4]]
+    assert dataset.keypoint_names == NAMES and dataset.skeleton == [[1, 2], [1, 3], [2, 4], [3, 5], [4, 5]]
     flip = RandomHorizontalFlip(1.0, keypoint_names=dataset.keypoint_names)
     pairs = 0
     for index in range(len(dataset)):

@@ -79,25 +79,27 @@ def test_validation_keypoints_must_be_the_training_ones(figures, tmp_path):
         open_training_data(_config(figures, val_annotations=annotations), main=True)
 
 
-def test_the_model_gets_a_keypoint_head_of_the_datasets_size_and_keeps_names_and_skeleton(figures, monkeypatch):
-    """The ModelConfig switch `keypoints` is the model side's; here its value is caught on its way there."""
+def test_the_model_gets_a_keypoint_head_of_the_datasets_size_with_its_names_and_skeleton(figures, monkeypatch):
+    """The ModelConfig fields (keypoints, keypoint_names, skeleton) are the model side's; here the options
+    are caught on their way to it (and only those ModelConfig has are passed on)."""
+    import dataclasses
+
     import maskrcnn.modeling.model as model_module
 
     asked = []
     real = model_module.arch_config
+    known = {field.name for field in dataclasses.fields(model_module.ModelConfig)}
 
     def catching(arch, num_classes, **options):
-        asked.append(options.pop("keypoints", None))
-        return real(arch, num_classes, **options)
+        asked.append({key: options[key] for key in ("keypoints", "keypoint_names", "skeleton") if key in options})
+        return real(arch, num_classes, **{key: value for key, value in options.items() if key in known})
 
     monkeypatch.setattr(model_module, "arch_config", catching)
     config = _config(figures, arch="resnet18_fpn", model={"fpn_channels": 32, "mask_head_channels": 32,
                                                           "box_head_hidden": 64})
     torch.manual_seed(0)
-    model, _ = build_training_model(config, 2, ["__background__", "figure"], [0, 1], keypoint_names=NAMES,
-                                    skeleton=[[0, 1], [0, 2]])
-    assert asked == [5]
-    assert model.keypoint_names == NAMES and model.skeleton == [[0, 1], [0, 2]]
-
-    model, _ = build_training_model(config, 2, ["__background__", "figure"], [0, 1])
-    assert asked == [5, None]  # no keypoints: no switch, the ModelConfig default
+    build_training_model(config, 2, ["__background__", "figure"], [0, 1], keypoint_names=NAMES,
+                         skeleton=[[1, 2], [1, 3]])
+    assert asked == [{"keypoints": 5, "keypoint_names": tuple(NAMES), "skeleton": ((1, 2), (1, 3))}]
+    build_training_model(config, 2, ["__background__", "figure"], [0, 1])
+    assert asked[1] == {}  # no keypoints: no keypoint options, the ModelConfig defaults

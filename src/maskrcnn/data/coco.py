@@ -77,7 +77,7 @@ class CocoDataset(Dataset):
                                    if label > 0}
         with_keypoints = next((category for category in categories if category.get("keypoints")), {})
         self.keypoint_names: list[str] = list(with_keypoints.get("keypoints", []))
-        self.skeleton: list[list[int]] = [[a - 1, b - 1] for a, b in with_keypoints.get("skeleton", [])]
+        self.skeleton: list[list[int]] = [list(edge) for edge in with_keypoints.get("skeleton", [])]
 
         self.image_ids: list[int] = [image["id"] for image in data["images"]]
         self.aspect_ratios: list[float] = [image["width"] / image["height"] for image in data["images"]]

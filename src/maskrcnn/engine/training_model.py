@@ -22,13 +22,14 @@ def build_training_model(config: TrainConfig, num_classes: int, class_names: lis
     """A model from `arch` (from scratch) or from `init` weights; returns it and a line saying what was done.
 
     With `keypoint_names` (the training set's) the model gets a keypoint head of that many keypoints
-    (ModelConfig `keypoints`) and keeps the names and the `skeleton` (0-based index pairs) for its outputs."""
+    (ModelConfig `keypoints`) and keeps the names and the `skeleton` (COCO's 1-based pairs) in its config."""
     from ..modeling.model import MaskRCNN, ModelConfig, arch_config
     from ..weights import load_state, read_checkpoint
 
     torch.manual_seed(derive_seed(config.seed, _INIT))
     size = _eval_image_size(config)
-    keypoints = {"keypoints": len(keypoint_names)} if keypoint_names else {}
+    keypoints = {"keypoints": len(keypoint_names), "keypoint_names": tuple(keypoint_names),
+                 "skeleton": tuple(tuple(edge) for edge in skeleton)} if keypoint_names else {}
     if config.init is None:
         try:
             model_config = arch_config(config.arch, num_classes,
@@ -36,7 +37,6 @@ def build_training_model(config: TrainConfig, num_classes: int, class_names: lis
             model = MaskRCNN(model_config, list(class_names), list(category_ids))
         except (TypeError, ValueError) as e:
             raise MaskRCNNError(f"bad model settings: {e}") from None
-        _keep_keypoint_names(model, keypoint_names, skeleton)
         return model, f"{config.arch} from scratch ({num_classes} classes)"
 
     state, init_config, init_names, _ = read_checkpoint(config.init)
@@ -45,19 +45,12 @@ def build_training_model(config: TrainConfig, num_classes: int, class_names: lis
         model = MaskRCNN(ModelConfig.from_dict(options), list(class_names), list(category_ids))
     except (TypeError, ValueError) as e:
         raise MaskRCNNError(f"bad model settings: {e}") from None
-    _keep_keypoint_names(model, keypoint_names, skeleton)
     note = f"fine-tuning {config.init}"
     if init_config.num_classes != num_classes or list(init_names) != list(class_names):
         state, how = _adapt_class_layers(state, model.state_dict(), list(init_names), list(class_names))
         note += f" ({how})"
     load_state(model, state, str(config.init))
     return model, note
-
-
-def _keep_keypoint_names(model, keypoint_names, skeleton) -> None:
-    if keypoint_names:
-        model.keypoint_names = list(keypoint_names)
-        model.skeleton = [list(edge) for edge in skeleton]
 
 
 def merge_model_options(*layers: dict) -> dict:
