@@ -82,9 +82,26 @@ def test_boxes_and_masks_beside_keypoints_do_not_change_the_keypoint_ap(gt):
 
 
 def test_keypoint_ap_is_chosen_only_with_keypoints_on_both_sides(gt, perfect):
-    assert default_iou_types(gt, perfect) == ("bbox", "segm", "keypoints")
-    assert default_iou_types(gt, [{k: v for k, v in r.items() if k != "keypoints"} for r in perfect]) == \
+    boxes = [dict(r, bbox=[0.0, 0.0, 5.0, 5.0], segmentation={"size": [4, 4], "counts": "04`0"}) for r in perfect]
+    assert default_iou_types(gt, boxes) == ("bbox", "segm", "keypoints")
+    assert default_iou_types(gt, [{k: v for k, v in r.items() if k != "keypoints"} for r in boxes]) == \
         ("bbox", "segm")
+    assert default_iou_types(gt, []) == ("bbox", "segm")
+
+
+def test_a_box_and_keypoint_model_is_scored_without_segm(gt, perfect):
+    """torchvision's Keypoint R-CNN has no mask branch: its results have boxes and keypoints only."""
+    results = [dict(r, bbox=gt.anns[a]["bbox"]) for r, a in zip(perfect, _annotation_ids(gt))]
+    metrics = coco_evaluate(gt, results, verbose=False)
+    assert set(metrics) == {"bbox", "keypoints", "per_class"}
+    assert metrics["keypoints"]["AP"] == pytest.approx(1.0, abs=1e-9)
+    # the people without labelled keypoints are missed boxes
+    assert metrics["bbox"]["AP"] == pytest.approx(_direct(gt, results, "bbox")[0], abs=1e-9)
+
+
+def _annotation_ids(gt: COCO) -> list[int]:
+    """The ids of the annotations `perfect` was made from, in its order."""
+    return [a["id"] for a in gt.dataset["annotations"] if not a["iscrowd"] and a["num_keypoints"] > 0]
     with contextlib.redirect_stdout(io.StringIO()):
         instances = COCO(str(coco_mini() / "annotations" / "instances_val2017.json"))
     assert default_iou_types(instances, perfect) == ("bbox", "segm")

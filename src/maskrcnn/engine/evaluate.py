@@ -114,9 +114,11 @@ def _check_results(coco_gt: COCO, results: list[dict], iou_types) -> None:
 
 
 def default_iou_types(coco_gt: COCO, results: list[dict]) -> tuple[str, ...]:
-    """bbox and segm, and keypoints when the ground truth has keypoint categories and a result has keypoints."""
-    with_keypoints = keypoint_categories(coco_gt) and any("keypoints" in r for r in results)
-    return ("bbox", "segm", "keypoints") if with_keypoints else ("bbox", "segm")
+    """bbox; segm unless there are results and none has a mask (a box + keypoint model); keypoints when the
+    ground truth has keypoint categories and a result has keypoints."""
+    with_masks = not results or any("segmentation" in r for r in results)
+    with_keypoints = bool(keypoint_categories(coco_gt)) and any("keypoints" in r for r in results)
+    return ("bbox",) + ("segm",) * with_masks + ("keypoints",) * with_keypoints
 
 
 def _results_coco(coco_gt: COCO, results: list[dict], iou_type: str) -> COCO:

@@ -17,6 +17,7 @@ from . import distributed
 from .checkpoint import TRAIN_FORMAT_TAG, atomic_torch_save, read_training_checkpoint
 from .config import RECIPE_FIELDS, TrainConfig, plain
 from .ema import WeightAverage
+from .evaluate import IOU_TYPES as EVAL_TASKS
 from .metrics_log import MetricsLog
 from .run_folder import start_run_folder
 from .schedule import build_optimizer
@@ -237,7 +238,8 @@ class _Trainer:
         if self.main and done:
             ap = ""
             if self.last_eval:
-                ap = f"; val bbox AP {self.last_eval['bbox']['AP']:.3f}, segm AP {self.last_eval['segm']['AP']:.3f}"
+                ap = "; val " + ", ".join(f"{task} AP {self.last_eval[task]['AP']:.3f}" for task in EVAL_TASKS
+                                          if task in self.last_eval)
             print(f"done: {iteration} iterations in {seconds / 60:.1f} min{ap}; weights in "
                   f"{self.run_dir / 'model.safetensors'}", flush=True)
         return summary
@@ -319,12 +321,13 @@ class _Trainer:
     def _evaluate(self, iteration: int, bar) -> None:
         def work():
             metrics = evaluate_model(self.evaluated, self.val_dataset, self.device, self.config.eval_batch_size)
-            summary = {task: metrics[task] for task in ("bbox", "segm", "keypoints") if task in metrics}
+            summary = {task: metrics[task] for task in EVAL_TASKS if task in metrics}
             self.last_eval = {"iteration": iteration, **summary}
             self.log.evaluation(iteration, summary)
-            ap = summary["segm"]["AP"]
-            keypoints = f", keypoint AP {summary['keypoints']['AP']:.4f}" if "keypoints" in summary else ""
-            bar.write(f"iteration {iteration}: val bbox AP {summary['bbox']['AP']:.4f}, segm AP {ap:.4f}{keypoints}")
+            # the best weights by mask AP; a box + keypoint model (no mask branch) by keypoint AP
+            ap = summary["segm" if "segm" in summary else "keypoints" if "keypoints" in summary else "bbox"]["AP"]
+            bar.write(f"iteration {iteration}: val " + ", ".join(f"{task} AP {summary[task]['AP']:.4f}"
+                                                                 for task in summary))
             if self.best_metric is None or ap > self.best_metric:
                 from ..weights import save_checkpoint
 
