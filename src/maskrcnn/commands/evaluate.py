@@ -7,14 +7,14 @@ from ..checks import COUNT
 from ._options import add_detection_options, add_device_option
 
 NAME = "eval"
-HELP = "COCO bbox and segm AP of a checkpoint on a COCO-format dataset"
+HELP = "COCO bbox and segm AP (and keypoint AP) of a checkpoint on a COCO-format dataset"
 ORDER = 30
 
 
 def add_arguments(p) -> None:
     p.add_argument("--weights", required=True, metavar="CKPT",
                    help="checkpoint: ours (.safetensors, last.pt), a torchvision state dict, or a registered name")
-    p.add_argument("--annotations", required=True, metavar="JSON", help="COCO instances json (ground truth)")
+    p.add_argument("--annotations", required=True, metavar="JSON", help="COCO instances or keypoints json (ground truth)")
     p.add_argument("--images", required=True, metavar="DIR", help="folder of the images the json lists")
     p.add_argument("--out", metavar="DIR", help="write DIR/metrics.json and DIR/predictions.json")
     add_device_option(p)
