@@ -44,6 +44,13 @@ def test_person_keypoints_targets_are_the_json_keypoints_of_the_kept_instances()
     assert checked == 18  # 19 annotations in the file, one of them crowd (left out with its keypoints)
 
 
+def test_an_empty_keypoint_list_is_a_category_without_keypoints(tmp_path):
+    def change(data):
+        data["categories"][1]["keypoints"] = []
+    folder = _folder(tmp_path, change)
+    assert CocoDataset(folder / "instances.json", folder).keypoint_names == ["nose", "left_ear", "right_ear"]
+
+
 def test_instances_json_has_no_keypoint_target():
     root = coco_mini()
     with warnings.catch_warnings():

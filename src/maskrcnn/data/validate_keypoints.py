@@ -23,8 +23,8 @@ def check_category_keypoints(categories: list, ids: set[int], report: Report) ->
     counts = {category_id: 0 for category_id in ids}
     reference = None  # (category id, names) of the first category with keypoints
     for index, category in enumerate(categories):
-        if index in report.bad["categories"] or not isinstance(category, dict) or "keypoints" not in category:
-            continue
+        if index in report.bad["categories"] or not isinstance(category, dict) or category.get("keypoints", []) == []:
+            continue  # no keypoints ([] as in some exporters' files)
         name = f"{report.source}: category {category['id']}"
         names, skeleton = category["keypoints"], category.get("skeleton", [])
         problem = _names_problem(names) or _skeleton_problem(skeleton, names)
