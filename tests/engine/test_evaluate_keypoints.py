@@ -87,6 +87,11 @@ def test_keypoint_ap_is_chosen_only_with_keypoints_on_both_sides(gt, perfect):
     assert default_iou_types(gt, [{k: v for k, v in r.items() if k != "keypoints"} for r in boxes]) == \
         ("bbox", "segm")
     assert default_iou_types(gt, []) == ("bbox", "segm")
+    no_masks = [{k: v for k, v in r.items() if k != "segmentation"} for r in boxes]
+    assert default_iou_types(gt, no_masks) == ("bbox", "keypoints")  # a box + keypoint model
+    # neither masks nor keypoints: segm is asked for, and the missing masks are an error (test_evaluate.py)
+    assert default_iou_types(gt, [{k: v for k, v in r.items() if k != "keypoints"} for r in no_masks]) == \
+        ("bbox", "segm")
 
 
 def test_a_box_and_keypoint_model_is_scored_without_segm(gt, perfect):

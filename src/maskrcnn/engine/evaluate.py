@@ -114,10 +114,11 @@ def _check_results(coco_gt: COCO, results: list[dict], iou_types) -> None:
 
 
 def default_iou_types(coco_gt: COCO, results: list[dict]) -> tuple[str, ...]:
-    """bbox; segm unless there are results and none has a mask (a box + keypoint model); keypoints when the
-    ground truth has keypoint categories and a result has keypoints."""
-    with_masks = not results or any("segmentation" in r for r in results)
-    with_keypoints = bool(keypoint_categories(coco_gt)) and any("keypoints" in r for r in results)
+    """bbox; segm unless the results are those of a box + keypoint model (keypoints and no mask anywhere);
+    keypoints when the ground truth has keypoint categories and a result has keypoints."""
+    predicts_keypoints = any("keypoints" in r for r in results)
+    with_masks = not predicts_keypoints or any("segmentation" in r for r in results)
+    with_keypoints = bool(keypoint_categories(coco_gt)) and predicts_keypoints
     return ("bbox",) + ("segm",) * with_masks + ("keypoints",) * with_keypoints
 
 
