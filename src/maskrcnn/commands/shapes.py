@@ -21,6 +21,9 @@ def add_arguments(p) -> None:
                         "(OUT/video_NNN.mp4, ground truth with track ids in OUT/video_NNN_gt.json), for tracking")
     p.add_argument("--frames", type=at_least(2).flag, default=100, metavar="N",
                    help="frames per video with --videos, at least 2 (default 100)")
+    p.add_argument("--keypoints", action="store_true",
+                   help="upright five-pointed figures whose tips are COCO keypoints (head, left/right hand, "
+                        "left/right foot), written to annotations/keypoints_{train,val}.json")
 
 
 def run(args) -> int:
@@ -34,7 +37,8 @@ def run(args) -> int:
             print(f"wrote {video['video']} ({video['frames']} frames, {video['objects']} objects) and "
                   f"{video['ground_truth']}")
         return 0
-    summary = make_shapes(args.out, num_train=args.train, num_val=args.val, size=args.size, seed=args.seed)
+    summary = make_shapes(args.out, num_train=args.train, num_val=args.val, size=args.size, seed=args.seed,
+                          keypoints=args.keypoints)
     print(f"wrote {summary['num_train_images']} train / {summary['num_val_images']} val images "
           f"({summary['num_train_instances']} / {summary['num_val_instances']} instances) to {summary['root']}")
     return 0
