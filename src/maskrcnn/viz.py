@@ -204,22 +204,8 @@ def draw_detections(image: np.ndarray, boxes, labels, scores=None, masks=None, c
     # part of the picture people read.
     occupied = np.zeros((height, width), dtype=np.float32)
     if masks is not None:
-        owner = topmost_instance(masks, scores if scores is not None else np.zeros(n))
-        covered = owner >= 0
-        occupied[covered] = 1.0
-        tint = colors[owner[covered]].astype(np.float32)
-        out[covered] = (out[covered].astype(np.float32) * (1.0 - alpha) + tint * alpha + 0.5).astype(np.uint8)
-        for i in order:
-            if masks.crops[i].size == 0:
-                continue
-            rows, cols = masks.window(i)  # the mask's bounding box (crops are tight)
-            # The mask's bounding box plus a margin: the margin is what lets its outermost pixels be seen
-            # as edges (only the true image border is padded by repetition).
-            grow = sizes["contour"]
-            window = (slice(max(rows.start - grow, 0), min(rows.stop + grow, height)),
-                      slice(max(cols.start - grow, 0), min(cols.stop + grow, width)))
-            edge = _boundary(owner[window] == i, sizes["contour"])
-            out[window][edge] = _lighter(colors[i])
+        _paint_masks(out, occupied, masks, scores if scores is not None else np.zeros(n), colors, order, alpha,
+                     sizes["contour"])
 
     picture = Image.fromarray(out)
     draw = ImageDraw.Draw(picture, "RGBA")
@@ -251,6 +237,28 @@ def draw_detections(image: np.ndarray, boxes, labels, scores=None, masks=None, c
     if show_legend:
         _draw_legend(draw, labels, colors, name_of, occupied, font, (text_top, text_bottom), pad)
     return np.asarray(picture.convert("RGB"))
+
+
+def _paint_masks(out: np.ndarray, occupied: np.ndarray, masks: MaskCrops, scores: np.ndarray, colors: np.ndarray,
+                 order, alpha: float, contour: int) -> None:
+    """Tints `out` where each mask is the topmost one (marking those pixels 1 in `occupied`) and outlines
+    each mask `contour` pixels wide in a lighter shade of its colour."""
+    height, width = occupied.shape
+    owner = topmost_instance(masks, scores)
+    covered = owner >= 0
+    occupied[covered] = 1.0
+    tint = colors[owner[covered]].astype(np.float32)
+    out[covered] = (out[covered].astype(np.float32) * (1.0 - alpha) + tint * alpha + 0.5).astype(np.uint8)
+    for i in order:
+        if masks.crops[i].size == 0:
+            continue
+        rows, cols = masks.window(i)  # the mask's bounding box (crops are tight)
+        # The mask's bounding box plus a margin: the margin is what lets its outermost pixels be seen
+        # as edges (only the true image border is padded by repetition).
+        window = (slice(max(rows.start - contour, 0), min(rows.stop + contour, height)),
+                  slice(max(cols.start - contour, 0), min(cols.stop + contour, width)))
+        edge = _boundary(owner[window] == i, contour)
+        out[window][edge] = _lighter(colors[i])
 
 
 def _draw_legend(draw, labels, colors, name_of, occupied, font, text_extent, pad) -> None:

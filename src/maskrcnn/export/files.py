@@ -2,8 +2,8 @@
 
 Both formats hold the same graph, `DetectionGraph`: from one normalised image, zero-padded to a multiple of
 32, to its detections and their 28x28 mask probabilities. Resizing before it and pasting masks after it
-are left to `maskrcnn.export.runtime` (numpy): the resize factor is Python arithmetic on the image size, which a
-trace would freeze, and unpasted masks let other runtimes paste only what they need. The class names and
+are left to `maskrcnn.export.runtime`: the resize factor is Python arithmetic on the image size, which a trace
+would freeze, and unpasted masks let other runtimes paste only what they need. The class names and
 every preprocessing setting travel inside the file (ONNX metadata_props / a TorchScript extra file), so an
 exported file is all `maskrcnn predict` needs. OpenVINO IR is converted from the ONNX graph by OpenVINO's own
 converter (`openvino_ir.py`).
