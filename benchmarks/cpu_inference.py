@@ -111,8 +111,10 @@ def inference(args) -> None:
 
             onnx_path = export(maskrcnn.load(Path(tmp) / "weights.pth"), Path(tmp) / "model.onnx")
             runners["ours onnxruntime"] = ExportedModel.load(onnx_path)
+        if args.openvino:
+            runners.update(openvino_runners(Path(tmp) / "weights.pth", Path(tmp) / "model.xml"))
     times = {name: [] for name in runners}
-    exact, matched = [], {name: [0, 0, []] for name in ("ours bf16", "ours onnxruntime")}
+    exact, matched = [], {name: [0, 0, []] for name in runners if name not in ("torchvision fp32", "ours fp32")}
     with torch.no_grad():
         for name, model in runners.items():  # warm-up (allocations, oneDNN kernel selection)
             model([images[0]])
@@ -135,10 +137,10 @@ def inference(args) -> None:
     print(f"\nCPU inference, arch {args.arch}, {len(images)} COCO val images x {args.repeats} repeats, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"forward FLOPs on {paths[0].name} ({tuple(images[0].shape[1:])}): {flops / 1e9:.0f} GFLOP")
-    print(f"{'path':<18}{'median s/img':>14}{'speed-up':>10}{'GFLOP/s':>10}")
+    print(f"{'path':<20}{'median s/img':>14}{'speed-up':>10}{'GFLOP/s':>10}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:<18}{med:>14.3f}{base / med:>9.2f}x{flops / 1e9 / med:>10.0f}")
+        print(f"{name:<20}{med:>14.3f}{base / med:>9.2f}x{flops / 1e9 / med:>10.0f}")
     if exact:
         same = sum(e["same_detections"] for e in exact)
         worst = {k: max(e.get(k, 0.0) for e in exact) for k in ("box", "score", "mask")}
@@ -152,28 +154,46 @@ def inference(args) -> None:
                   f"{statistics.mean(mask_ious or [0]):.3f}")
 
 
+def openvino_runners(weights: Path, xml: Path) -> dict:
+    """Our export of the same weights in OpenVINO: with f32 forced, and with OpenVINO's default settings
+    (its own choice of precision for this CPU: bf16 where the CPU has it), the anchor a deployer would pick."""
+    from maskrcnn.export.files import export
+    from maskrcnn.export.openvino_ir import OPENVINO_DEFAULT, open_ir
+    from maskrcnn.export.runtime import (INPUT_NAMES, METADATA_KEY, OUTPUT_NAMES, ExportedModel,
+                                         _parse_metadata)
+
+    export(maskrcnn.load(weights), xml, "openvino")
+    runners = {"openvino f32": ExportedModel.load(xml)}
+    run, text = open_ir(xml, METADATA_KEY, INPUT_NAMES, OUTPUT_NAMES, OPENVINO_DEFAULT, torch.get_num_threads())
+    runners["openvino default"] = ExportedModel(run, _parse_metadata(text, xml), str(xml))
+    return runners
+
+
 def trained_agreement(args) -> None:
-    """bf16 vs fp32 of one trained checkpoint (ours) on a folder of images: how many fp32 detections
-    bf16 keeps. A random-weight network is chaotic (a 1e-6 change moves its boxes), so its bf16
+    """Each faster precision vs fp32 of one trained checkpoint (ours) on a folder of images: how many fp32
+    detections it keeps. A random-weight network is chaotic (a 1e-6 change moves its boxes), so its
     agreement says little about a trained model's; this measures a trained one."""
     paths = sorted(p for p in Path(args.agreement_images).iterdir() if p.suffix.lower() in (".jpg", ".png"))
     paths = paths[: args.agreement_num_images]
     if not paths:
         sys.exit(f"no .jpg/.png images in {args.agreement_images}")
+    faster = [p for p in args.precisions if p != "fp32"] or ["bf16"]
     models = {p: maskrcnn.load(args.agreement_weights, precision=p, score_thresh=args.agreement_score_thresh)
-              for p in ("fp32", "bf16")}
-    matched = total = 0
-    mask_ious: list[float] = []
+              for p in ("fp32", *faster)}
+    tally = {p: [0, 0, []] for p in faster}
     with torch.no_grad():
         for path in paths:
             image = read_rgb(path)
-            ref, ours = (models[p]([image])[0] for p in ("fp32", "bf16"))
-            m, n, ious = agreement_matched(ref, ours)
-            matched, total, mask_ious = matched + m, total + n, mask_ious + ious
-    print(f"\nbf16 vs fp32 of the trained model {args.agreement_weights} on {len(paths)} images of "
-          f"{args.agreement_images} (score >= {args.agreement_score_thresh}): {matched}/{total} = "
-          f"{100 * matched / max(total, 1):.1f}% of detections matched (same class, box IoU >= 0.9); mean mask IoU "
-          f"{statistics.mean(mask_ious or [0]):.3f}")
+            ref = models["fp32"]([image])[0]
+            for p in faster:
+                m, n, ious = agreement_matched(ref, models[p]([image])[0])
+                tally[p][0], tally[p][1] = tally[p][0] + m, tally[p][1] + n
+                tally[p][2] += ious
+    for p, (matched, total, mask_ious) in tally.items():
+        print(f"\n{p} vs fp32 of the trained model {args.agreement_weights} on {len(paths)} images of "
+              f"{args.agreement_images} (score >= {args.agreement_score_thresh}): {matched}/{total} = "
+              f"{100 * matched / max(total, 1):.1f}% of detections matched (same class, box IoU >= 0.9); "
+              f"mean mask IoU {statistics.mean(mask_ious or [0]):.3f}")
 
 
 def training_step(args) -> None:
@@ -217,10 +237,10 @@ def training_step(args) -> None:
             times[name].append(timed(fn)[0])
     base = statistics.median(times["torchvision fp32"])
     print(f"\nTraining step, arch {args.arch}, batch of 2 COCO images at 800 px, {args.repeats} repeats")
-    print(f"{'path':<18}{'median s/step':>14}{'speed-up':>10}")
+    print(f"{'path':<20}{'median s/step':>14}{'speed-up':>10}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:<18}{med:>14.3f}{base / med:>9.2f}x")
+        print(f"{name:<20}{med:>14.3f}{base / med:>9.2f}x")
 
 
 def main() -> None:
@@ -229,10 +249,12 @@ def main() -> None:
     p.add_argument("--num-images", type=int, default=6)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--arch", choices=["v1", "v2"], default="v1")
-    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "fp32-fast", "bf16"])
     p.add_argument("--train", action="store_true", help="also time one training step")
     p.add_argument("--train-only", action="store_true", help="only the training step")
     p.add_argument("--onnx", action="store_true", help="also time our model exported to ONNX, on ONNX Runtime")
+    p.add_argument("--openvino", action="store_true",
+                   help="also time our model exported to OpenVINO IR: f32, and OpenVINO's default settings")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--agreement-weights", help="a trained checkpoint: also report its bf16-vs-fp32 agreement")
     p.add_argument("--agreement-images", help="images for --agreement-weights")

@@ -42,6 +42,14 @@ BAD_FLAGS = [
     ("demo", "--minutes", "nan"), ("demo", "--minutes", "0"), ("demo", "--iters", "0"),
     ("shapes", "--train", "0"), ("shapes", "--val", "-1"), ("shapes", "--size", "16"), ("shapes", "--seed", "-1"),
     ("inspect", "--score-thresh", "1.5"), ("inspect", "--max-boxes", "0"),
+    ("serve", "--port", "0"), ("serve", "--port", "65536"), ("serve", "--score-thresh", "2"),
+    ("serve", "--mask-threshold", "nan"), ("serve", "--max-detections", "0"), ("serve", "--queue-size", "0"),
+    ("serve", "--max-batch", "-2"), ("serve", "--batch-wait-ms", "-1"), ("serve", "--max-upload-mb", "0"),
+    ("serve", "--max-pixels", "inf"),
+    ("shapes", "--videos", "-1"), ("shapes", "--frames", "1"),
+    ("track", "--score-thresh", "nan"), ("track", "--mask-threshold", "2"), ("track", "--max-detections", "0"),
+    ("track", "--high-score", "1.5"), ("track", "--low-score", "-0.1"), ("track", "--new-track-score", "inf"),
+    ("track", "--min-hits", "0"), ("track", "--max-missed", "-1"),
 ]
 
 
@@ -168,7 +176,7 @@ def test_device_strings(monkeypatch):
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "predict", "inspect", "demo"])
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "inspect", "demo", "serve", "track"])
 def test_bad_device_is_one_line_for_every_command(command, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     image = tmp_path / "a.png"
@@ -177,7 +185,9 @@ def test_bad_device_is_one_line_for_every_command(command, tmp_path, capsys, mon
             "eval": ["--weights", "w.pt", "--annotations", "a.json", "--images", "x"],
             "predict": [str(image), "--weights", "w.pt", "--out", "o"],
             "inspect": [str(image), "--weights", "w.pt", "--out", "o"],
-            "demo": ["--out", "d"]}[command]
+            "demo": ["--out", "d"],
+            "serve": ["--weights", "w.pt"],
+            "track": [str(image), "--weights", "w.pt", "--out", "o"]}[command]
     assert main([command, *argv, "--device", "tpu"]) == 2
     err = capsys.readouterr().err
     assert err == f"maskrcnn {command}: error: device 'tpu' is not one this tool runs on; choose auto, cpu, cuda " \

@@ -251,5 +251,5 @@ def test_bad_inference_settings_are_refused(model):
 
     with pytest.raises(ValueError, match="detections_per_img"):
         InferenceSettings(detections_per_img=0)
-    with pytest.raises(MaskRCNNError, match="precision must be one of fp32, bf16, fp16, got 'fp64'"):
+    with pytest.raises(MaskRCNNError, match="precision must be one of fp32, fp32-fast, bf16, fp16, got 'fp64'"):
         Predictor(model, precision="fp64")

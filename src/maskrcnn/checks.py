@@ -93,6 +93,7 @@ POSITIVE = Number(low=0, low_open=True)              # learning rate, minutes, l
 NON_NEGATIVE = Number(low=0)                         # weight decay, gradient clip (0: off)
 PROBABILITY = Number(low=0, high=1)                  # thresholds, fractions
 DECAY = Number(low=0, high=1, high_open=True)        # --ema: 0 (off) up to, not including, 1
+PORT = Number(integer=True, low=1, high=65535)       # TCP ports (serve --port)
 
 
 def at_least(minimum: int) -> Number:
@@ -130,4 +131,4 @@ def check_fields(values: dict, rules: dict, optional=(), prefix: str = "") -> li
 
 
 __all__ = ["Number", "Each", "COUNT", "NON_NEGATIVE_INT", "POSITIVE", "NON_NEGATIVE", "PROBABILITY", "DECAY",
-           "at_least", "check_fields"]
+           "PORT", "at_least", "check_fields"]

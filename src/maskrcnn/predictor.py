@@ -8,7 +8,10 @@ output into numpy `Detections` with boolean masks.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import torch
@@ -20,6 +23,7 @@ from .errors import MaskRCNNError
 from .export.runtime import ExportedModel, is_exported_file
 from .modeling.model import MaskRCNN
 from .modeling.settings import InferenceSettings
+from .precision import AUTO, cpu_has_native_bf16, resolve_precision
 
 if TYPE_CHECKING:
     from .results import Detections
@@ -39,7 +43,8 @@ class Predictor:
     A TorchScript file is a program that runs its own code: it is loaded only with `trust_torchscript=True`
     (checkpoints are read as tensors and .onnx files by ONNX Runtime, neither runs code from the file).
     Any model runs in eval mode during our calls and gets its own mode back afterwards.
-    `score_thresh`, `max_detections` and `precision` ("fp32", "bf16", "fp16"; None keeps the model's)
+    `score_thresh`, `max_detections` and `precision` ("fp32", "fp32-fast", "bf16", "fp16", or "auto": the
+    fastest with agreement on this device, see maskrcnn/precision.py; None keeps the model's)
     are fixed here, once, as `self.settings` (an `InferenceSettings`, the model's defaults where None) and
     passed to the model on each call: the model and its config are never changed, so one model can serve
     several Predictors with different settings, from several threads.
@@ -63,12 +68,15 @@ class Predictor:
             self.model = weights_or_model
             if device is not None:
                 self.model.to(resolve_device(device))
+            if precision == AUTO:
+                precision = resolve_precision(precision, next(self.model.parameters()).device)
         elif isinstance(weights_or_model, ExportedModel):
             self.model = weights_or_model
+            precision = self.model.precision if precision == AUTO else precision
         elif is_exported_file(weights_or_model):
-            if precision not in (None, "fp32"):
-                raise MaskRCNNError(f"{weights_or_model}: exported models run in fp32 only, not {precision}")
-            self.model = ExportedModel.load(weights_or_model, trust_torchscript=trust_torchscript)
+            self.model = ExportedModel.load(weights_or_model, trust_torchscript=trust_torchscript,
+                                            precision=exported_precision(weights_or_model, precision))
+            precision = self.model.precision
         elif isinstance(weights_or_model, torch.nn.Module):
             raise MaskRCNNError(f"expected a maskrcnn MaskRCNN model, got {type(weights_or_model).__name__}; "
                                 "convert torchvision models by saving their state_dict and loading that file")
@@ -77,6 +85,7 @@ class Predictor:
 
             self.model = load(weights_or_model, device=resolve_device(device or "cpu"),
                               precision=precision or "fp32")
+            precision = self.model.precision if precision == AUTO else precision
         self.score_thresh = score_thresh
         self.max_detections = max_detections
         self.precision = precision
@@ -144,16 +153,10 @@ class Predictor:
                 yield (path, image, result) if with_images else (path, result)
 
         try:
-            for path in paths:
-                try:
-                    image = read_image(path, self.max_pixels)
-                    tensor = to_float_tensor(image)
-                except (MaskRCNNError, ValueError, MemoryError, RuntimeError) as error:
-                    if isinstance(error, RuntimeError) and not is_out_of_memory(error):
-                        raise
+            for path, image, tensor, error in self._read_ahead(paths):
+                if error is not None:
                     yield from flush()  # keep the output in input order
                     bar.update(1)
-                    error = as_user_error(path, error)
                     yield (path, None, error) if with_images else (path, error)
                     continue
                 pending.append((path, image, tensor))
@@ -162,6 +165,36 @@ class Predictor:
             yield from flush()
         finally:
             bar.close()
+
+    def _read_ahead(self, paths: list) -> Iterator[tuple]:
+        """(path, image, tensor, None) or (path, None, None, one-line error) per path, in order. A background
+        thread decodes the next files (up to one batch ahead) while the model runs on the current batch:
+        decoding releases the GIL, so it overlaps the model instead of adding to it; memory stays bounded
+        by two batches of images."""
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maskrcnn-read")
+        try:
+            upcoming = iter(paths)
+            queue = deque((path, pool.submit(self._read_file, path))
+                          for path in itertools.islice(upcoming, self.batch_size + 1))
+            while queue:
+                path, future = queue.popleft()
+                following = next(upcoming, None)
+                if following is not None:
+                    queue.append((following, pool.submit(self._read_file, following)))
+                yield (path, *future.result())
+        finally:  # also when the caller stops early: files not started yet are not read
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _read_file(self, path) -> tuple:
+        """(image, tensor, None), or (None, None, one-line error) for a file that cannot be read, is over
+        max_pixels or does not fit in memory; anything else is a bug and raises."""
+        try:
+            image = read_image(path, self.max_pixels)
+            return image, to_float_tensor(image), None
+        except (MaskRCNNError, ValueError, MemoryError, RuntimeError) as error:
+            if isinstance(error, RuntimeError) and not is_out_of_memory(error):
+                raise
+            return None, None, as_user_error(path, error)
 
     # ------------------------------------------------------------------------------------------ internals
 
@@ -217,6 +250,13 @@ class Predictor:
         finally:
             if was_training:
                 self.model.train()
+
+
+def exported_precision(path, precision: str | None) -> str:
+    """What an exported file runs in: fp32, or for OpenVINO files also bf16 ("auto": where the CPU has it)."""
+    if precision == AUTO:
+        return "bf16" if str(path).lower().endswith(".xml") and cpu_has_native_bf16() else "fp32"
+    return precision or "fp32"
 
 
 def is_out_of_memory(error: BaseException) -> bool:

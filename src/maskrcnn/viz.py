@@ -160,16 +160,18 @@ def _check_inputs(image, boxes, labels, scores, masks):
 
 
 def draw_detections(image: np.ndarray, boxes, labels, scores=None, masks=None, class_names=None, *,
-                    alpha: float = 0.45, show_legend: bool = True, color_by: str = "instance",
-                    keypoints=None, skeleton=()) -> np.ndarray:
+                    alpha: float = 0.45, show_legend: bool = True, color_by: str = "instance", colors=None,
+                    texts=None, keypoints=None, skeleton=()) -> np.ndarray:
     """Detections drawn onto a copy of `image`; returns (H, W, 3) uint8 RGB.
 
     Masks are tinted with `alpha` opacity and outlined, boxes outlined, and each detection tagged
     "name 0.93"; `masks` are (N, H, W) or a `MaskCrops`. Where masks overlap, the higher score is shown.
     `color_by="instance"` gives every detection its own colour (best for telling touching objects apart);
     `"class"` colours by class (stable across images and video frames). With no detections the image comes
-    back unchanged (as uint8 RGB). `keypoints` (N, K, 3) = x, y, visibility: each visible one (v > 0) is a
-    dot in its detection's colour, joined along `skeleton` (pairs of 1-based keypoint numbers, as COCO's).
+    back unchanged (as uint8 RGB). `colors` (one RGB per detection) and `texts` (one tag per detection) replace
+    the chosen colouring and the "name score" tags (the tracker's overlay: a colour and an id per track).
+    `keypoints` (N, K, 3) = x, y, visibility: each visible one (v > 0) is a dot in its detection's colour,
+    joined along `skeleton` (pairs of 1-based keypoint numbers, as COCO's).
     """
     if color_by not in ("instance", "class"):
         raise ValueError(f"color_by must be 'instance' or 'class', got {color_by!r}")
@@ -193,7 +195,9 @@ def draw_detections(image: np.ndarray, boxes, labels, scores=None, masks=None, c
     def name_of(label: int) -> str:
         return class_names[label] if 0 <= label < len(class_names) else f"class {label}"
 
-    if color_by == "class":
+    if colors is not None:
+        colors = np.asarray(colors, dtype=np.uint8).reshape(n, 3)
+    elif color_by == "class":
         colors = np.array([class_color(label) for label in labels], dtype=np.uint8)
     else:
         colors = np.array(instance_colors(n), dtype=np.uint8)
@@ -204,22 +208,8 @@ def draw_detections(image: np.ndarray, boxes, labels, scores=None, masks=None, c
     # part of the picture people read.
     occupied = np.zeros((height, width), dtype=np.float32)
     if masks is not None:
-        owner = topmost_instance(masks, scores if scores is not None else np.zeros(n))
-        covered = owner >= 0
-        occupied[covered] = 1.0
-        tint = colors[owner[covered]].astype(np.float32)
-        out[covered] = (out[covered].astype(np.float32) * (1.0 - alpha) + tint * alpha + 0.5).astype(np.uint8)
-        for i in order:
-            if masks.crops[i].size == 0:
-                continue
-            rows, cols = masks.window(i)  # the mask's bounding box (crops are tight)
-            # The mask's bounding box plus a margin: the margin is what lets its outermost pixels be seen
-            # as edges (only the true image border is padded by repetition).
-            grow = sizes["contour"]
-            window = (slice(max(rows.start - grow, 0), min(rows.stop + grow, height)),
-                      slice(max(cols.start - grow, 0), min(cols.stop + grow, width)))
-            edge = _boundary(owner[window] == i, sizes["contour"])
-            out[window][edge] = _lighter(colors[i])
+        _paint_masks(out, occupied, masks, scores if scores is not None else np.zeros(n), colors, order, alpha,
+                     sizes["contour"])
 
     picture = Image.fromarray(out)
     draw = ImageDraw.Draw(picture, "RGBA")
@@ -236,7 +226,10 @@ def draw_detections(image: np.ndarray, boxes, labels, scores=None, masks=None, c
             _draw_keypoints(draw, np.asarray(keypoints[i], dtype=np.float64), skeleton, color, sizes["line"])
         if masks is None:
             occupied[max(y1, 0):max(y2 + 1, 0), max(x1, 0):max(x2 + 1, 0)] = 1.0
-        text = name_of(int(labels[i])) if scores is None else f"{name_of(int(labels[i]))} {scores[i]:.2f}"
+        if texts is not None:
+            text = str(texts[i])
+        else:
+            text = name_of(int(labels[i])) if scores is None else f"{name_of(int(labels[i]))} {scores[i]:.2f}"
         left, _, right, _ = font.getbbox(text)
         tag_width = right - left + 2 * pad
         # Above the box if there is room, else just inside its top edge; never outside the picture.
@@ -262,6 +255,28 @@ def _draw_keypoints(draw, points: np.ndarray, skeleton, color, line: int) -> Non
     radius = line + 2
     for x, y, _ in points[visible]:
         draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=color, outline=(255, 255, 255))
+
+
+def _paint_masks(out: np.ndarray, occupied: np.ndarray, masks: MaskCrops, scores: np.ndarray, colors: np.ndarray,
+                 order, alpha: float, contour: int) -> None:
+    """Tints `out` where each mask is the topmost one (marking those pixels 1 in `occupied`) and outlines
+    each mask `contour` pixels wide in a lighter shade of its colour."""
+    height, width = occupied.shape
+    owner = topmost_instance(masks, scores)
+    covered = owner >= 0
+    occupied[covered] = 1.0
+    tint = colors[owner[covered]].astype(np.float32)
+    out[covered] = (out[covered].astype(np.float32) * (1.0 - alpha) + tint * alpha + 0.5).astype(np.uint8)
+    for i in order:
+        if masks.crops[i].size == 0:
+            continue
+        rows, cols = masks.window(i)  # the mask's bounding box (crops are tight)
+        # The mask's bounding box plus a margin: the margin is what lets its outermost pixels be seen
+        # as edges (only the true image border is padded by repetition).
+        window = (slice(max(rows.start - contour, 0), min(rows.stop + contour, height)),
+                  slice(max(cols.start - contour, 0), min(cols.stop + contour, width)))
+        edge = _boundary(owner[window] == i, contour)
+        out[window][edge] = _lighter(colors[i])
 
 
 def _draw_legend(draw, labels, colors, name_of, occupied, font, text_extent, pad) -> None:

@@ -21,6 +21,7 @@ from .errors import MaskRCNNError
 from .files import atomic_path
 from .modeling.keypoints import COCO_PERSON_KEYPOINT_NAMES, COCO_PERSON_SKELETON
 from .modeling.model import ARCHS, MaskRCNN, ModelConfig, arch_config
+from .precision import AUTO, cpu_has_native_bf16, resolve_precision
 
 # COCO 2017 category names by category id (ids 1..90; "N/A" where COCO left an id unused).
 # Models trained on COCO with 91 outputs predict these ids directly.
@@ -307,13 +308,15 @@ def load(source: str | os.PathLike, *, device: str | torch.device = "cpu", score
     the keys), torchvision Keypoint R-CNN ones (keypointrcnn_resnet50_fpn: boxes and keypoints, no masks;
     17 keypoints get COCO's person keypoint names and skeleton), our safetensors checkpoints and our
     training checkpoints. `precision="bf16"` trades
-    exactness for speed (see MaskRCNN.precision). `mask_paste` overrides the checkpoint's way of pasting
+    exactness for speed (see MaskRCNN.precision); "auto" picks the fastest precision with agreement for the
+    device (maskrcnn/precision.py). `mask_paste` overrides the checkpoint's way of pasting
     masks into the image ("exact" is sub-pixel, "torchvision" matches torchvision; see paste_masks).
     `proposals` overrides how many RPN proposals per image reach the box head (the checkpoint's
     `rpn.post_nms_top_n_test`: 1000 for torchvision's models, 100 for ours trained from scratch).
     """
-    if precision not in MaskRCNN.PRECISIONS:
-        raise MaskRCNNError(f"precision must be one of {', '.join(MaskRCNN.PRECISIONS)}, got {precision!r}")
+    if precision not in (AUTO, *MaskRCNN.PRECISIONS):
+        raise MaskRCNNError(f"precision must be one of {', '.join((AUTO, *MaskRCNN.PRECISIONS))}, "
+                            f"got {precision!r}")
     src = str(source)
     if src in REGISTRY:
         path = fetch(src)
@@ -334,18 +337,12 @@ def load(source: str | os.PathLike, *, device: str | torch.device = "cpu", score
     except ValueError as e:
         raise MaskRCNNError(f"{path}: {e}") from None
     load_state(model, state, str(path))
-    model.precision = precision
     model = model.to(device).eval()
+    model.precision = precision = resolve_precision(precision, next(model.parameters()).device)
     if precision == "bf16" and next(model.parameters()).device.type == "cpu" and not cpu_has_native_bf16():
         warnings.warn("this CPU has no native bfloat16 instructions (AVX512-BF16 / AMX): bf16 is emulated "
                       "here and much slower than fp32", stacklevel=2)
     return model
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: where bf16 matmuls and convolutions run at about twice the fp32 rate."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 __all__ = ["load", "save_checkpoint", "read_checkpoint", "from_torchvision", "infer_config", "fetch", "REGISTRY",

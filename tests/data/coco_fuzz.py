@@ -8,6 +8,7 @@ process's peak, which it keeps across exec) as its last line, which
 the test checks is under 2 GiB.
 
     python tests/data/coco_fuzz.py fuzz N        N examples of test_coco_validation's property
+    python tests/data/coco_fuzz.py fuzz-keypoints N   the same on base_json(keypoints=True), keypoints mutated too
     python tests/data/coco_fuzz.py open DIR...   open DIR/instances.json with images in DIR; one line each
 """
 
@@ -37,8 +38,20 @@ def _peak_rss() -> int:
         return int(status.read().split("VmHWM:")[1].split()[0]) * 1024
 
 
-def base_json() -> dict:
-    """A valid dataset that uses every kind of segmentation: polygon, list RLE, string RLE, crowd."""
+def base_json(keypoints: bool = False) -> dict:
+    """A valid dataset that uses every kind of segmentation: polygon, list RLE, string RLE, crowd.
+
+    With `keypoints`, category 1 ("cat") defines 3 keypoints and a skeleton, and its annotations carry
+    keypoints (annotation 1 with num_keypoints, annotation 3 without); category 5 has none."""
+    data = _base_json()
+    if keypoints:
+        data["categories"][0].update(keypoints=["nose", "left_ear", "right_ear"], skeleton=[[1, 2], [1, 3]])
+        data["annotations"][0].update(keypoints=[3, 2, 2, 2, 1, 1, 0, 0, 0], num_keypoints=2)
+        data["annotations"][2]["keypoints"] = [5, 3, 2, 4, 2, 2, 6.5, 2.5, 2]
+    return data
+
+
+def _base_json() -> dict:
     b_mask = np.zeros((7, 10), dtype=np.uint8)
     b_mask[2:5, 3:8] = 1
     return {
@@ -87,8 +100,9 @@ def _strategies():
                        st.text(max_size=8), st.lists(st.integers(-3, 20), max_size=8),
                        st.dictionaries(st.sampled_from(["size", "counts", "x"]), st.integers(-1, 9), max_size=2))
     keys = {"images": ["id", "file_name", "width", "height", "extra"],
-            "annotations": ["id", "image_id", "category_id", "bbox", "segmentation", "area", "iscrowd"],
-            "categories": ["id", "name"]}
+            "annotations": ["id", "image_id", "category_id", "bbox", "segmentation", "area", "iscrowd",
+                            "keypoints", "num_keypoints"],
+            "categories": ["id", "name", "keypoints", "skeleton"]}
     file_names = st.sampled_from(["../a.png", "/etc/hostname", "", ".", "..", "sub/../a.png", "./b.jpg", "missing.png",
                                   "a.png\x00", "b.jpg", "a.png/..", "//a.png", "sub/../../a.png"])
     rle_text = st.text(alphabet=st.characters(min_codepoint=40, max_codepoint=120), max_size=12)
@@ -97,11 +111,14 @@ def _strategies():
     return st, values, keys, file_names, rle_text, polygons
 
 
-def mutate(draw, data: dict, folder: Path) -> str:
-    """Apply one random change to `data` or an image file; returns what it did (for failure reports)."""
+def mutate(draw, data: dict, folder: Path, keypoints: bool = False) -> str:
+    """Apply one random change to `data` or an image file; returns what it did (for failure reports).
+    With `keypoints`, the keypoint fields are changed too (and more often than the others)."""
     st, values, keys, file_names, rle_text, polygons = _strategies()
-    kind = draw(st.sampled_from(["set", "delete", "number", "polygon", "rle", "file_name", "image", "top",
-                                 "duplicate"]))
+    kinds = ["set", "delete", "number", "polygon", "rle", "file_name", "image", "top", "duplicate"]
+    kind = draw(st.sampled_from(kinds + ["keypoints"] * len(kinds) if keypoints else kinds))
+    if kind == "keypoints":
+        return _mutate_keypoints(draw, st, values, data)
     section = draw(st.sampled_from(["images", "annotations", "categories"]))
     entries = data.get(section)
     if kind == "top":
@@ -152,6 +169,36 @@ def mutate(draw, data: dict, folder: Path) -> str:
             return f"file_name {image['file_name']!r}"
         return "nothing"
     return _damage_image(draw, st, folder)
+
+
+def _mutate_keypoints(draw, st, values, data: dict) -> str:
+    """A number, the length, num_keypoints or v of an annotation's keypoints, or a category's names/skeleton."""
+    if draw(st.integers(0, 4)) == 0:
+        category = data["categories"][draw(st.integers(0, len(data["categories"]) - 1))]
+        key = draw(st.sampled_from(["keypoints", "skeleton"]))
+        category[key] = draw(st.one_of(values, st.lists(st.sampled_from(["nose", "left_ear", "right_ear", "tail"]),
+                                                        max_size=4),
+                                       st.lists(st.lists(st.integers(-1, 5), max_size=3), max_size=3)))
+        return f"category {category.get('id')!r} {key}={category[key]!r}"
+    annotations = data["annotations"]
+    with_keypoints = [a for a in annotations if isinstance(a, dict) and isinstance(a.get("keypoints"), list)]
+    annotation = draw(st.sampled_from(with_keypoints if with_keypoints and draw(st.booleans()) else annotations))
+    if not isinstance(annotation, dict):
+        return "nothing"
+    points = list(annotation.get("keypoints") or [0, 0, 0] * 3) if isinstance(annotation.get("keypoints"), list) \
+        else [0, 0, 0] * 3
+    how = draw(st.sampled_from(["value", "value", "visibility", "length", "num_keypoints", "add"]))
+    if how == "value" and points:
+        odd = st.sampled_from([1e308, -1e308, 1e8, math.nan, math.inf, 10 ** 400, 0.5, None, "1", True])
+        points[draw(st.integers(0, len(points) - 1))] = draw(st.one_of(odd, odd, odd, values))
+    elif how == "visibility":
+        points[draw(st.integers(0, len(points) // 3 - 1)) * 3 + 2] = draw(st.sampled_from([0, 1, 2, 3, -1, 1.5, True]))
+    elif how == "length":
+        points = points[:draw(st.integers(0, len(points)))] + draw(st.lists(st.integers(0, 9), max_size=4))
+    elif how == "num_keypoints":
+        annotation["num_keypoints"] = draw(st.one_of(st.integers(-1, 4), values))
+    annotation["keypoints"] = points
+    return f"annotation {annotation.get('id')!r} {how}: keypoints={points!r} num={annotation.get('num_keypoints')!r}"
 
 
 def _image_size(data: dict, annotation: dict) -> list:
@@ -209,17 +256,30 @@ def _open(path: Path, folder: Path, skip: bool):
 
 
 def _use(dataset) -> None:
-    """What training and evaluation do with an opened dataset: read every item, evaluate the json."""
+    """What training and evaluation do with an opened dataset: read every item (flipped), evaluate the json;
+    with keypoints, also the ground truth's keypoints as results."""
+    from maskrcnn.data.augment import RandomHorizontalFlip
     from maskrcnn.engine.evaluate import coco_evaluate
 
+    try:
+        flip = RandomHorizontalFlip(1.0, keypoint_names=dataset.keypoint_names)
+    except ValueError:  # a "left_" name without its "right_": no flip can label it (training says so)
+        flip = None
     for index in range(len(dataset)):
-        dataset[index]
+        image, target = dataset[index]
+        if "keypoints" in target and flip is not None:
+            assert target["keypoints"].shape == (len(target["boxes"]), len(dataset.keypoint_names), 3)
+            assert bool(flip(image, target)[1]["keypoints"].isfinite().all())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # pycocotools vs numpy 2
         coco_evaluate(dataset.coco, [], verbose=False)
+        if dataset.keypoint_names:
+            results = [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 1.0,
+                        "keypoints": a["keypoints"]} for a in dataset.coco.dataset["annotations"] if a.get("keypoints")]
+            coco_evaluate(dataset.coco, results, iou_types=("keypoints",), verbose=False)
 
 
-def check_example(draw) -> None:
+def check_example(draw, keypoints: bool = False) -> None:
     """The property: opening a mutated dataset gives a MaskRCNNError whose first line names the json,
     or (with skip_invalid) a dataset without the bad entries plus one summary warning; whatever opens
     can be read and evaluated. Any other exception (or a crash of the process) fails."""
@@ -228,9 +288,9 @@ def check_example(draw) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         write_images(folder)
-        data = base_json()
+        data = base_json(keypoints)
         for _ in range(draw(st.integers(1, 3))):
-            note(mutate(draw, data, folder))
+            note(mutate(draw, data, folder, keypoints))
         path = folder / "instances.json"
         path.write_text(json.dumps(data))
         strict, strict_error, _ = _open(path, folder, skip=False)
@@ -247,14 +307,14 @@ def check_example(draw) -> None:
             _use(lenient)
 
 
-def run_property(examples: int) -> None:
+def run_property(examples: int, keypoints: bool = False) -> None:
     from hypothesis import HealthCheck, given, settings, strategies as st
 
     @settings(max_examples=examples, deadline=None, database=None, print_blob=True,
               suppress_health_check=list(HealthCheck))
     @given(st.data())
     def property_test(data):
-        check_example(data.draw)
+        check_example(data.draw, keypoints)
 
     property_test()
 
@@ -273,8 +333,8 @@ def main(argv: list[str]) -> int:
     from maskrcnn.errors import MaskRCNNError
 
     _cap_memory()
-    if argv[0] == "fuzz":
-        run_property(int(argv[1]))
+    if argv[0] in ("fuzz", "fuzz-keypoints"):
+        run_property(int(argv[1]), keypoints=argv[0] == "fuzz-keypoints")
     else:
         for folder in map(Path, argv[1:]):
             try:

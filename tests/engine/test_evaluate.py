@@ -83,8 +83,9 @@ def noisy(gt):
     return results
 
 
-def _direct(gt: COCO, results: list[dict], iou_type: str, cat_ids=None) -> np.ndarray:
-    """COCOeval used the plain documented way; for segm the box is left out so area comes from the mask."""
+def _direct(gt: COCO, results: list[dict], iou_type: str, cat_ids=None, sigmas=None) -> np.ndarray:
+    """COCOeval used the plain documented way; for segm the box is left out so area comes from the mask.
+    `sigmas`: the keypoints' OKS sigmas where they are not COCO's persons'."""
     anns = copy.deepcopy(results)
     if iou_type == "segm":
         for ann in anns:
@@ -94,6 +95,8 @@ def _direct(gt: COCO, results: list[dict], iou_type: str, cat_ids=None) -> np.nd
         coco_eval = COCOeval(gt, dt, iou_type)
         if cat_ids is not None:
             coco_eval.params.catIds = cat_ids
+        if sigmas is not None:
+            coco_eval.params.kpt_oks_sigmas = sigmas
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()

@@ -16,7 +16,7 @@ from maskrcnn.modeling.poolers import roi_align
 
 def test_precision_picks_the_plan():
     assert inference_plan("fp32") == Plan("separate", "torchvision", "all", "transposed", False, False)
-    assert inference_plan("bf16") == inference_plan("fp16") == FAST_INFERENCE
+    assert inference_plan("bf16") == inference_plan("fp16") == inference_plan("fp32-fast") == FAST_INFERENCE
     assert FAST_INFERENCE.norms == "cached" and FAST_INFERENCE.roi_align == "sparse"
     assert FAST_INFERENCE.mask_classes == "detected" and FAST_INFERENCE.mask_upsampling == "transposed"
     assert training_plan("cpu").channels_last and not training_plan("cuda").channels_last
@@ -25,6 +25,38 @@ def test_precision_picks_the_plan():
         inference_plan("fp64")
     with pytest.raises(ValueError, match="plan roi_align must be one of"):
         Plan(roi_align="exact")
+
+
+def test_auto_precision_follows_the_device(monkeypatch):
+    """"auto": bf16 where the CPU has native bf16, fp32 with the fast plan on other CPUs; any other value is
+    kept as given. cpu_has_native_bf16 is replaced, so both branches run on any machine."""
+    import maskrcnn.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision.resolve_precision("auto", torch.device("cpu")) == "fp32-fast"
+    assert precision.resolve_precision("fp32", "cpu") == "fp32"
+    assert precision.resolve_precision("bf16", "cpu") == "bf16"
+
+
+def test_fp32_fast_runs_in_fp32_with_the_fast_plan(val_images):
+    """fp32-fast: no autocast (every output fp32) and the fast plan: its detections are those of exact fp32
+    up to rounding on this random tiny model (boxes within 0.5 px for the matched top detections)."""
+    import numpy as np
+
+    from conftest import read_rgb, tiny_model
+
+    model = tiny_model()
+    image = read_rgb(val_images[0])
+    with torch.no_grad():
+        exact = model.predict([image], settings=model.inference_settings(precision="fp32"))[0]
+        fast = model.predict([image], settings=model.inference_settings(precision="fp32-fast"))[0]
+    assert fast["boxes"].dtype == fast["scores"].dtype == fast["masks"].dtype == torch.float32
+    assert len(exact["boxes"]) > 10
+    n = min(10, len(fast["boxes"]))
+    np.testing.assert_allclose(fast["boxes"][:n].numpy(), exact["boxes"][:n].numpy(), atol=0.5)
+    assert not torch.equal(fast["masks"], exact["masks"]) or not torch.equal(fast["boxes"], exact["boxes"])
 
 
 def test_torchvision_plan_is_bit_exact_with_gradients_on():

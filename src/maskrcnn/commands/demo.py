@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..checks import COUNT, POSITIVE
-from ._options import add_device_option
+from ._options import add_device_option, add_precision_option
 
 NAME = "demo"
 HELP = "run the whole job offline (shapes data -> train -> evaluate -> predict) and write report.html"
@@ -33,6 +33,7 @@ def add_arguments(p) -> None:
                    help=f"delete the --out folder of an earlier demo (one holding its {MARKER} file) and redo "
                         "every step")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_precision_option(p)  # the overlays' predictions; the COCO AP is measured in exact fp32
 
 
 def prepare_out(out: Path, fresh: bool) -> None:
@@ -72,7 +73,7 @@ def run(args) -> int:
     config, iters = _training(args, data, out / "run", device, started, progress)
     model, val_set, metrics = _evaluation(args, data, out / "run" / "model.safetensors", out / "eval", device,
                                           progress)
-    overlay_thresh, overlays = _overlays(model, val_set, out, out / "eval" / "predictions.json")
+    overlay_thresh, overlays = _overlays(model, val_set, out, out / "eval" / "predictions.json", args.precision)
     _report(out, data, config, iters, model, metrics, overlay_thresh, overlays, device, started)
     return 0
 
@@ -149,7 +150,7 @@ def _evaluation(args, data: Path, finished: Path, eval_dir: Path, device: str, p
     return model, val_set, metrics
 
 
-def _overlays(model, val_set, out: Path, scored_path: Path) -> tuple[float, list[str]]:
+def _overlays(model, val_set, out: Path, scored_path: Path, precision: str) -> tuple[float, list[str]]:
     """4. Overlays of held-out images."""
     from ..data.images import read_image
     from ..predictor import Predictor
@@ -162,7 +163,7 @@ def _overlays(model, val_set, out: Path, scored_path: Path) -> tuple[float, list
     # empty pictures shows nothing, so then the overlays go down to 0.3 (and the report says so).
     scored = json.loads(scored_path.read_text())
     overlay_thresh = 0.5 if any(p["score"] >= 0.5 for p in scored) else 0.3
-    predictor = Predictor(model, score_thresh=overlay_thresh)
+    predictor = Predictor(model, score_thresh=overlay_thresh, precision=precision)
     overlays = []
     for path in [val_set.image_path(i) for i in range(min(NUM_OVERLAYS, len(val_set)))]:
         overlay = pred_dir / f"{Path(path).stem}.png"

@@ -1,4 +1,5 @@
-"""maskrcnn eval: COCO box and mask AP of a checkpoint on a COCO-format dataset."""
+"""maskrcnn eval: COCO box and mask AP of a checkpoint on a COCO-format dataset (and keypoint OKS AP when the
+annotations have keypoints and the model predicts them)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,14 @@ from ..checks import COUNT
 from ._options import add_detection_options, add_device_option
 
 NAME = "eval"
-HELP = "COCO bbox and segm AP of a checkpoint on a COCO-format dataset"
+HELP = "COCO bbox and segm AP (and keypoint AP) of a checkpoint on a COCO-format dataset"
 ORDER = 30
 
 
 def add_arguments(p) -> None:
     p.add_argument("--weights", required=True, metavar="CKPT",
                    help="checkpoint: ours (.safetensors, last.pt), a torchvision state dict, or a registered name")
-    p.add_argument("--annotations", required=True, metavar="JSON", help="COCO instances json (ground truth)")
+    p.add_argument("--annotations", required=True, metavar="JSON", help="COCO instances or keypoints json (ground truth)")
     p.add_argument("--images", required=True, metavar="DIR", help="folder of the images the json lists")
     p.add_argument("--out", metavar="DIR", help="write DIR/metrics.json and DIR/predictions.json")
     add_device_option(p)
@@ -76,12 +77,12 @@ def run(args) -> int:
                               mask_threshold=args.mask_threshold, device=device, progress=not args.no_progress)
     known = set(dataset.category_ids[1:])
     scored = [r for r in results if r["category_id"] in known]  # e.g. COCO's unused "N/A" outputs
-    metrics = coco_evaluate(dataset.coco, scored, iou_types=("bbox", "segm"), verbose=False)
+    metrics = coco_evaluate(dataset.coco, scored, verbose=False)  # bbox, segm (+ keypoints when both have them)
 
     print(f"{args.weights} on {args.annotations} ({len(dataset)} images, {len(scored)} detections)")
     print(format_metrics_table(metrics))
     if args.per_class:
-        for task in ("bbox", "segm"):
+        for task in ("bbox", "segm", "keypoints"):
             for name, ap in metrics["per_class"].get(task, {}).items():
                 print(f"{task} AP {100 * ap:5.1f}  {name}")
     if args.out:

@@ -18,14 +18,15 @@ import hashlib
 import io
 import json
 import sys
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..checks import COUNT, NON_NEGATIVE
+from ..checks import COUNT
 from ..data.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_PIXELS_HELP
 from ..files import write_text_atomic
-from ._options import add_detection_options, add_device_option, add_trust_option
+from ._options import (add_detection_options, add_device_option, add_max_pixels_option, add_precision_option,
+                       add_trust_option, add_weights_option, predictor_options)
 from ._predict_inputs import InputItem, assign_output_names, expand_inputs
 
 NAME = "predict"
@@ -37,17 +38,13 @@ def add_arguments(p) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image files, folders (their images, sorted), glob patterns or video files "
                         "(.mp4 .avi .mov .mkv .webm)")
-    p.add_argument("--weights", required=True, metavar="SRC",
-                   help="checkpoint file (ours or a torchvision state dict), a registered name, or a file "
-                        "from `maskrcnn export` (.onnx runs on ONNX Runtime, TorchScript only with "
-                        "--trust-torchscript; exported files run on the CPU)")
+    add_weights_option(p)
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder (created if missing); DIR/predictions.jsonl records each input as it "
                         "finishes. A finished run's journal is replaced by a new run, an interrupted one is "
                         "refused without --resume")
     add_detection_options(p, 0.5, "0.05 is usual for COCO evaluation")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="arithmetic: fp32 (exact, default), bf16 (faster on recent CPUs/GPUs), fp16 (GPU)")
+    add_precision_option(p)
     add_device_option(p)
     p.add_argument("--batch-size", type=COUNT.flag, default=1, metavar="N", help="images per forward pass (default 1)")
     add_trust_option(p)
@@ -61,10 +58,7 @@ def add_arguments(p) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in DIR: inputs recorded in predictions.jsonl are skipped "
                         "(failed ones are tried again); refused if it was made with other weights or settings")
-    p.add_argument("--max-pixels", type=NON_NEGATIVE.flag, default=DEFAULT_MAX_PIXELS / 1e6, metavar="MP",
-                   help="refuse images with more than MP million pixels, read from the file header before "
-                        f"decoding (0: no limit). Default {DEFAULT_MAX_PIXELS_HELP}")
-
+    add_max_pixels_option(p, DEFAULT_MAX_PIXELS, DEFAULT_MAX_PIXELS_HELP)
 
 # ---------------------------------------------------------------------------------------------- outputs
 
@@ -149,22 +143,51 @@ def _report(message: str) -> None:
 
 
 def _predict_images(predictor, items: list[InputItem], out: Path, args, progress: bool, done) -> None:
-    """Predict the images, write their files and hand each one's record to `done`, in input order."""
-    from ..predictor import as_user_error, is_out_of_memory
+    """Predict the images, write their files and hand each one's record to `done`, in input order.
+
+    Writing (drawing overlays, encoding PNGs, the journal line) runs in one background thread while the model
+    works on the next batch; at most two images wait to be written, so memory stays bounded, and the order
+    of the journal is the input order. After a write error nothing more is written (the journal stays a
+    prefix of the inputs, as without the thread) and the error stops the run."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    failed = threading.Event()
+
+    def finish(item, image, result):
+        if failed.is_set():
+            return
+        try:
+            _finish_image(item, image, result, out, args, done)
+        except BaseException:
+            failed.set()
+            raise
 
     results = predictor.predict_files([item.path for item in items], progress=progress, with_images=True)
-    for item, (_, image, result) in zip(items, results):  # predict_files keeps the input order
-        record = InputRecord(str(item.path), item.output_name)
-        if isinstance(result, Exception):
-            done(record.fail(result))
-            continue
-        try:
-            _write_image_outputs(record, result, image, out, args)
-        except (MemoryError, RuntimeError) as error:  # drawing or mapping a huge image
-            if not is_out_of_memory(error):
-                raise
-            record.fail(as_user_error(item.path, error))
-        done(record)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="maskrcnn-write") as pool:
+        waiting: deque = deque()
+        for item, (_, image, result) in zip(items, results):  # predict_files keeps the input order
+            waiting.append(pool.submit(finish, item, image, result))
+            while len(waiting) > 2:
+                waiting.popleft().result()  # re-raises what went wrong while writing
+        while waiting:
+            waiting.popleft().result()
+
+
+def _finish_image(item: InputItem, image, result, out: Path, args, done) -> None:
+    from ..predictor import as_user_error, is_out_of_memory
+
+    record = InputRecord(str(item.path), item.output_name)
+    if isinstance(result, Exception):
+        done(record.fail(result))
+        return
+    try:
+        _write_image_outputs(record, result, image, out, args)
+    except (MemoryError, RuntimeError) as error:  # drawing or mapping a huge image
+        if not is_out_of_memory(error):
+            raise
+        record.fail(as_user_error(item.path, error))
+    done(record)
 
 
 def _write_image_outputs(record: InputRecord, result, image, out: Path, args) -> None:
@@ -282,11 +305,7 @@ def run(args) -> int:
         for message in problems:
             _report(message)
 
-    predictor = Predictor(args.weights, device=device, score_thresh=args.score_thresh,
-                          mask_threshold=args.mask_threshold, batch_size=args.batch_size,
-                          max_detections=args.max_detections, precision=args.precision,
-                          trust_torchscript=args.trust_torchscript,
-                          max_pixels=round(args.max_pixels * 1e6) or None)
+    predictor = Predictor(args.weights, device=device, batch_size=args.batch_size, **predictor_options(args))
     todo = [item for item in items if not previous.get(str(item.path), {}).get("ok")]
     mine = todo[process.rank::process.world_size]
     progress = not args.no_progress and process.is_main

@@ -4,7 +4,8 @@ Every random choice is drawn from a `torch.Generator` passed to the call (torch'
 is None), so a run can be reproduced, and resumed mid-way, from a seed alone.
 
 Images are (3,H,W) float tensors; targets are dicts with `boxes` (N,4) xyxy pixels, `labels` (N,)
-and optionally `masks` (N,H,W). Other keys pass through untouched. Transforms return a new target dict
+and optionally `masks` (N,H,W) and `keypoints` (N,K,3: x, y in pixels, COCO visibility v; a keypoint with
+v = 0 has x = y = 0, as in COCO). Other keys pass through untouched. Transforms return a new target dict
 and never modify the one they were given.
 """
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 # Target entries with one row per instance: they are indexed together when instances are dropped.
-PER_INSTANCE_KEYS = ("boxes", "labels", "masks")
+PER_INSTANCE_KEYS = ("boxes", "labels", "masks", "keypoints")
 
 
 def derive_seed(*keys: int) -> int:
@@ -75,11 +76,40 @@ def _accepts_generator(transform: Callable) -> bool:
     return "generator" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
-class RandomHorizontalFlip:
-    """Mirror image, boxes and masks left-right with probability p."""
+def keypoint_flip_order(names: Sequence[str]) -> list[int]:
+    """Where each keypoint comes from after a horizontal flip: "left_X" and "right_X" swap places, the others
+    stay. Raises ValueError for a "left_X" without a "right_X" (or the reverse), which no flip could label."""
+    position = {name: index for index, name in enumerate(names)}
+    order = []
+    for name in names:
+        partner = name
+        for side, other in (("left_", "right_"), ("right_", "left_")):
+            if name.startswith(side):
+                partner = other + name[len(side):]
+                if partner not in position:
+                    raise ValueError(f"keypoint {name!r} has no {partner!r} to swap with when the image is flipped")
+        order.append(position[partner])
+    return order
 
-    def __init__(self, p: float = 0.5):
+
+def _hide_unlabelled(keypoints: torch.Tensor) -> torch.Tensor:
+    """COCO's convention, kept by every transform: a keypoint with v = 0 is (0, 0, 0)."""
+    return keypoints * (keypoints[..., 2:] != 0)
+
+
+class RandomHorizontalFlip:
+    """Mirror image, boxes, masks and keypoints left-right with probability p.
+
+    Keypoints: x becomes width - x, the convention of boxes here and of torchvision's detection references
+    (references/detection/transforms.py, _flip_coco_person_keypoints: `width - x`, then v = 0 keypoints
+    zeroed; torchvision.transforms.v2's kernel uses `width - 1 - x` instead, for pixel indices). A flipped
+    person's left wrist is where a right wrist would be, so the "left_"/"right_" keypoints of
+    `keypoint_names` swap places (keypoint_flip_order); a target with keypoints needs the names.
+    """
+
+    def __init__(self, p: float = 0.5, keypoint_names: Sequence[str] | None = None):
         self.p = p
+        self.keypoint_order = keypoint_flip_order(keypoint_names) if keypoint_names else None
 
     def __call__(self, image: torch.Tensor, target: dict, generator: torch.Generator | None = None):
         if torch.rand((), generator=generator).item() >= self.p:
@@ -91,6 +121,13 @@ class RandomHorizontalFlip:
             target["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
         if "masks" in target:
             target["masks"] = target["masks"].flip(-1)
+        if "keypoints" in target:
+            if self.keypoint_order is None or len(self.keypoint_order) != target["keypoints"].shape[1]:
+                raise ValueError("RandomHorizontalFlip needs the keypoint_names of the target's keypoints, to swap "
+                                 "left and right")
+            keypoints = target["keypoints"][:, self.keypoint_order].clone()
+            keypoints[..., 0] = width - keypoints[..., 0]
+            target["keypoints"] = _hide_unlabelled(keypoints)
         return image.flip(-1), target
 
     def __repr__(self) -> str:
@@ -133,6 +170,7 @@ class LargeScaleJitter:
     cropped to at most output_size on each side and zero-padded at the bottom/right to exactly
     output_size x output_size. Boxes of instances cut by the crop are recomputed from their masks
     (a clipped box would be too large for non-rectangular objects); instances that vanish are dropped.
+    Keypoints are scaled with the image; those outside the crop become unlabelled (v = 0).
     """
 
     def __init__(self, output_size: int, scale_range: tuple[float, float] = (0.1, 2.0)):
@@ -182,6 +220,9 @@ def resize(image: torch.Tensor, target: dict, new_height: int, new_width: int) -
         rows = ((torch.arange(new_height) + 0.5) * (height / new_height)).long().clamp_(max=height - 1)
         cols = ((torch.arange(new_width) + 0.5) * (width / new_width)).long().clamp_(max=width - 1)
         target["masks"] = target["masks"][:, rows][:, :, cols]
+    if "keypoints" in target:
+        scale = torch.tensor([new_width / width, new_height / height, 1.0], dtype=target["keypoints"].dtype)
+        target["keypoints"] = target["keypoints"] * scale
     return image, target
 
 
@@ -198,6 +239,13 @@ def _crop(image: torch.Tensor, target: dict, top: int, left: int, height: int, w
         if "masks" in target and cut.any():
             boxes[cut] = masks_to_boxes(target["masks"][cut]).to(boxes.dtype)
         target["boxes"] = boxes
+    if "keypoints" in target:
+        # Keypoints outside the crop, [0, width] x [0, height] in the continuous coordinates of the boxes,
+        # become unlabelled (v = 0, at 0, 0).
+        keypoints = target["keypoints"] - torch.tensor([left, top, 0], dtype=target["keypoints"].dtype)
+        x, y = keypoints[..., 0], keypoints[..., 1]
+        inside = (x >= 0) & (x <= width) & (y >= 0) & (y <= height)
+        target["keypoints"] = _hide_unlabelled(keypoints * inside[..., None])
     return image, target
 
 
@@ -288,5 +336,5 @@ class AspectRatioGroupedBatches:
 
 __all__ = [
     "AspectRatioGroupedBatches", "Compose", "LargeScaleJitter", "RandomHorizontalFlip", "ResizeShortestSide",
-    "derive_seed", "drop_vanished_instances", "masks_to_boxes", "resize", "seeded_generator",
+    "derive_seed", "drop_vanished_instances", "keypoint_flip_order", "masks_to_boxes", "resize", "seeded_generator",
 ]

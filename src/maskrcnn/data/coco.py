@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from maskrcnn.data.augment import seeded_generator
 from maskrcnn.data.images import read_image, to_float_tensor
 from maskrcnn.data.validate import checked_coco
+from maskrcnn.data.validate_keypoints import labelled_keypoints
 from maskrcnn.errors import MaskRCNNError
 
 
@@ -33,6 +34,7 @@ class _ImageInstances:
     annotation_ids: list[int]
     boxes: np.ndarray  # (N, 4) float32 xyxy, clipped to the image
     labels: np.ndarray  # (N,) int64, contiguous 1..K
+    keypoints: np.ndarray  # (N, K, 3) float32 x, y, v (K = 0 when the dataset has no keypoints)
 
 
 class CocoDataset(Dataset):
@@ -73,6 +75,9 @@ class CocoDataset(Dataset):
         self.num_classes = len(self.category_ids)
         self._label_of_category = {category_id: label for label, category_id in enumerate(self.category_ids)
                                    if label > 0}
+        with_keypoints = next((category for category in categories if category.get("keypoints")), {})
+        self.keypoint_names: list[str] = list(with_keypoints.get("keypoints", []))
+        self.skeleton: list[list[int]] = [list(edge) for edge in with_keypoints.get("skeleton", [])]
 
         self.image_ids: list[int] = [image["id"] for image in data["images"]]
         self.aspect_ratios: list[float] = [image["width"] / image["height"] for image in data["images"]]
@@ -88,13 +93,16 @@ class CocoDataset(Dataset):
 
     def _select_instances(self, data: dict) -> tuple[list[_ImageInstances], dict[str, int]]:
         images_by_id = {image["id"]: image for image in data["images"]}
-        per_image: dict[int, list[tuple[int, list[float], int]]] = {image_id: [] for image_id in self.image_ids}
+        per_image: dict[int, list[tuple[int, list[float], int, list]]] = {image_id: [] for image_id in self.image_ids}
+        no_keypoints = [0.0] * (3 * len(self.keypoint_names))
         skipped = {"crowd": 0, "degenerate_box": 0, "empty_mask": 0}
         for annotation in data["annotations"]:
             image = images_by_id[annotation["image_id"]]
             width, height = image["width"], image["height"]
             if "area" not in annotation:
                 annotation["area"] = float(mask_utils.area(self._rle(annotation, height, width)))
+            if "keypoints" in annotation and "num_keypoints" not in annotation:  # pycocotools needs it
+                annotation["num_keypoints"] = labelled_keypoints(annotation["keypoints"])
             if annotation.setdefault("iscrowd", 0):
                 skipped["crowd"] += 1
                 continue
@@ -108,7 +116,8 @@ class CocoDataset(Dataset):
                 skipped["empty_mask"] += 1
                 continue
             label = self._label_of_category[annotation["category_id"]]
-            per_image[annotation["image_id"]].append((annotation["id"], box, label))
+            keypoints = annotation.get("keypoints") or no_keypoints
+            per_image[annotation["image_id"]].append((annotation["id"], box, label, keypoints))
 
         instances = []
         for image_id in self.image_ids:
@@ -117,6 +126,8 @@ class CocoDataset(Dataset):
                 annotation_ids=[row[0] for row in rows],
                 boxes=np.array([row[1] for row in rows], dtype=np.float32).reshape(-1, 4),
                 labels=np.array([row[2] for row in rows], dtype=np.int64),
+                keypoints=_unlabelled_at_zero(np.array([row[3] for row in rows], dtype=np.float32)
+                                              .reshape(len(rows), len(self.keypoint_names), 3)),
             ))
         return instances, skipped
 
@@ -164,6 +175,8 @@ class CocoDataset(Dataset):
             "image_id": int(image_id),
             "file_name": str(info["file_name"]),
         }
+        if self.keypoint_names:
+            target["keypoints"] = torch.from_numpy(instances.keypoints.copy())
         if self.transforms is not None:
             if self.augment_seed is None:
                 image, target = self.transforms(image, target)
@@ -171,6 +184,11 @@ class CocoDataset(Dataset):
                 generator = seeded_generator(self.augment_seed, self.epoch, index)
                 image, target = self.transforms(image, target, generator=generator)
         return image, target
+
+
+def _unlabelled_at_zero(keypoints: np.ndarray) -> np.ndarray:
+    """COCO's convention, which some files break: a keypoint with v = 0 is (0, 0, 0)."""
+    return keypoints * (keypoints[..., 2:] > 0)
 
 
 def collate(batch):

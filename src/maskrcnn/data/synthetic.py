@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -21,6 +23,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from maskrcnn.data.coco import decode_rles
+from maskrcnn.data.validate_keypoints import labelled_keypoints
 
 CLASS_NAMES = ("circle", "triangle", "square", "star", "hexagon", "ring")
 
@@ -37,10 +40,12 @@ _SPLIT_NUMBERS = {"train": 0, "val": 1}
 
 
 def make_shapes(out_dir: str | Path, num_train: int = 400, num_val: int = 60, size: int = 256,
-                seed: int = 0, progress: bool = True) -> dict:
+                seed: int = 0, progress: bool = True, keypoints: bool = False) -> dict:
     """Write the dataset under out_dir and return its paths and counts.
 
-    Layout: annotations/instances_{train,val}.json, images in train/ and val/ (JPEG, quality 95).
+    Layout: annotations/instances_{train,val}.json, images in train/ and val/ (JPEG, quality 95). With
+    `keypoints`, the objects are upright "figures" whose five tips are COCO keypoints instead
+    (maskrcnn/data/synthetic_figures.py), in annotations/keypoints_{train,val}.json.
     Each image's shorter side is `size`; the longer side varies up to 1.33x, half of the images
     landscape and half portrait. The output is a pure function of the arguments: image i of a split
     draws from its own numpy Generator seeded with (seed, split, i).
@@ -51,12 +56,13 @@ def make_shapes(out_dir: str | Path, num_train: int = 400, num_val: int = 60, si
         raise ValueError(f"size must be at least 32 pixels, got {size}")
     root = Path(out_dir)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
-    summary = {"root": str(root), "class_names": list(CLASS_NAMES)}
+    kind = _kind(keypoints)
+    summary = {"root": str(root), "class_names": [category["name"] for category in kind.categories]}
     for split, count in (("train", num_train), ("val", num_val)):
-        annotations_path = root / "annotations" / f"instances_{split}.json"
+        annotations_path = root / "annotations" / f"{kind.file_prefix}_{split}.json"
         images_dir = root / split
         images_dir.mkdir(parents=True, exist_ok=True)
-        coco = _make_split(split, count, size, seed, images_dir, progress)
+        coco = _make_split(split, count, size, seed, images_dir, progress, kind)
         with open(annotations_path, "w", encoding="utf-8") as file:
             json.dump(coco, file)
         summary[f"{split}_annotations"] = str(annotations_path)
@@ -66,26 +72,51 @@ def make_shapes(out_dir: str | Path, num_train: int = 400, num_val: int = 60, si
     return summary
 
 
-def _make_split(split: str, count: int, size: int, seed: int, images_dir: Path, progress: bool) -> dict:
+@dataclass(frozen=True)
+class _Kind:
+    """What a dataset is made of: its categories, the prefix of its annotation files, how many objects an
+    image has, how one is placed, and the COCO keypoints of an object (None: no keypoints)."""
+
+    categories: list
+    file_prefix: str
+    counts: tuple[int, int]
+    random_shape: Callable
+    keypoints: Callable | None = None
+
+
+def _kind(keypoints: bool) -> _Kind:
+    if not keypoints:
+        categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASS_NAMES)]
+        return _Kind(categories, "instances", (MIN_OBJECTS, MAX_OBJECTS), _random_shape)
+    from maskrcnn.data import synthetic_figures as figures
+
+    return _Kind([figures.category()], "keypoints", (figures.MIN_FIGURES, figures.MAX_FIGURES),
+                 figures.random_figure, figures.figure_keypoints)
+
+
+def _make_split(split: str, count: int, size: int, seed: int, images_dir: Path, progress: bool,
+                kind: _Kind) -> dict:
     images, annotations = [], []
     for index in tqdm(range(count), desc=f"shapes {split}", disable=not progress, unit="img"):
         rng = np.random.default_rng([seed, _SPLIT_NUMBERS[split], index])
-        pixels, objects = _make_image(rng, size)
+        pixels, objects = _make_image(rng, size, kind)
         image_id = index + 1
         file_name = f"{image_id:06d}.jpg"
         cv2.imwrite(str(images_dir / file_name), pixels[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         height, width = pixels.shape[:2]
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-        for shape in objects:
+        for number, shape in enumerate(objects):
             annotation = _annotation(shape, height, width)
             annotation.update(id=len(annotations) + 1, image_id=image_id)
+            if kind.keypoints is not None:
+                annotation["keypoints"] = kind.keypoints(objects, number, height, width)
+                annotation["num_keypoints"] = labelled_keypoints(annotation["keypoints"])
             annotations.append(annotation)
-    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASS_NAMES)]
     return {
         "info": {"description": f"maskrcnn synthetic shapes, {split} split, seed {seed}"},
         "images": images,
         "annotations": annotations,
-        "categories": categories,
+        "categories": kind.categories,
     }
 
 
@@ -98,20 +129,21 @@ class _Shape:
         self.hole = hole
         self.full = full
         self.visible = full.copy()
+        self.points: np.ndarray | None = None  # keypoints (K, 2), for the figures of the keypoint dataset
         self.min_visible = max(MIN_VISIBLE_PIXELS, MIN_VISIBLE_FRACTION * area)
 
 
-def _make_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[_Shape]]:
+def _make_image(rng: np.random.Generator, size: int, kind: _Kind) -> tuple[np.ndarray, list[_Shape]]:
     long_side = round(size * rng.uniform(1.0, MAX_ASPECT))
     height, width = (size, long_side) if rng.random() < 0.5 else (long_side, size)
     image = _background(rng, height, width)
 
-    wanted = 0 if rng.random() < EMPTY_IMAGE_PROBABILITY else int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+    wanted = 0 if rng.random() < EMPTY_IMAGE_PROBABILITY else int(rng.integers(kind.counts[0], kind.counts[1] + 1))
     shapes: list[_Shape] = []
     for _ in range(wanted * 10):  # rejection sampling: retry placements that hide too much
         if len(shapes) == wanted:
             break
-        shape = _random_shape(rng, height, width, size)
+        shape = kind.random_shape(rng, height, width, size)
         if shape.full.sum() < shape.min_visible:
             continue  # mostly outside the image
         still_visible = [other.visible & ~shape.full for other in shapes]

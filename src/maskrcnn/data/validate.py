@@ -102,7 +102,9 @@ def validate_coco(data, source: str, images_dir: Path | None) -> Report:
     Raises MaskRCNNError at once only when the top level is unusable (no images, no categories...)."""
     _check_top_level(data, source)
     report = Report(source)
-    category_ids = _check_categories(data["categories"], report)
+    from maskrcnn.data.validate_keypoints import check_category_keypoints
+
+    category_ids = check_category_keypoints(data["categories"], _check_categories(data["categories"], report), report)
     image_ids, sized = _check_images(data["images"], report, images_dir is not None)
     if images_dir is not None:
         _check_image_files(data["images"], sized, report, Path(images_dir))
@@ -240,7 +242,7 @@ def _header_problem(image: dict, images_dir: Path, source: str) -> str | None:
 
 
 def _check_annotations(annotations: list, report: Report, image_ids: set[int], sized: dict[int, dict],
-                       category_ids: set[int]) -> None:
+                       category_ids: dict[int, int]) -> None:
     seen: set[int] = set()
     for index, annotation in enumerate(annotations):
         problems = _annotation_problems(annotation, index, seen, (image_ids, sized), category_ids)
@@ -249,7 +251,8 @@ def _check_annotations(annotations: list, report: Report, image_ids: set[int], s
 
 
 def _annotation_problems(annotation, index: int, seen: set, images: tuple[set, dict],
-                         category_ids: set) -> list[str]:
+                         category_ids: dict[int, int]) -> list[str]:
+    """`category_ids`: the number of keypoints of each usable category (0: none)."""
     if not isinstance(annotation, dict):
         return [f"annotation at index {index}: must be a JSON object"]
     if "id" not in annotation:
@@ -281,6 +284,12 @@ def _annotation_problems(annotation, index: int, seen: set, images: tuple[set, d
     image = sized.get(annotation["image_id"]) if is_id(annotation["image_id"]) else None
     if image is not None:
         problem = segmentation_problem(annotation["segmentation"], image)
+        if problem:
+            problems.append(f"{name}: {problem}")
+    if is_id(annotation["category_id"]) and annotation["category_id"] in category_ids:
+        from maskrcnn.data.validate_keypoints import annotation_keypoints_problem
+
+        problem = annotation_keypoints_problem(annotation, category_ids[annotation["category_id"]], image)
         if problem:
             problems.append(f"{name}: {problem}")
     return problems

@@ -207,7 +207,7 @@ def resolve_defaults(config: TrainConfig, device: torch.device) -> TrainConfig:
         # preempt the step's math threads: on 2 cores two workers made steps ~25% slower.
         changes["num_workers"] = 0 if device.type == "cpu" else 2
     if config.bf16 is None:
-        from ..weights import cpu_has_native_bf16
+        from ..precision import cpu_has_native_bf16
 
         changes["bf16"] = device.type == "cpu" and not config.amp and cpu_has_native_bf16()
     return replace(config, **changes)

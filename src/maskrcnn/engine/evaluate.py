@@ -8,7 +8,9 @@ Metrics layout (what `coco_evaluate` returns and `write_metrics` writes)::
 
     {"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl"},      # COCOeval.stats[:6], 0-1 scale
      "segm": {...},
+     "keypoints": {"AP", "AP50", "AP75", "APm", "APl"},     # OKS; only with keypoints on both sides
      "per_class": {"bbox": {class_name: AP}, "segm": {...}}}   # AP@[.5:.95], all areas, 100 dets
+                                                              # (keypoints: 20 dets, as pycocotools)
 
 A value of -1.0 is pycocotools' "undefined" (no ground truth in that area range). Categories without any
 ground truth in the evaluated images have no defined AP and are omitted from `per_class`.
@@ -32,6 +34,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from ..checks import COUNT, PROBABILITY
+from .evaluate_keypoints import (check_keypoint_lengths, keypoint_categories, keypoint_lists, keypoint_results,
+                                 keypoint_sigmas)
 from ..errors import MaskRCNNError
 from ..files import write_text_atomic
 from ..masks import MaskCrops
@@ -39,7 +43,8 @@ from ..modeling.model import MaskRCNN
 from ..results import coco_results, encode_rle, mask_pixels
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-IOU_TYPES = ("bbox", "segm")
+IOU_TYPES = ("bbox", "segm", "keypoints")
+KEYPOINT_STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl")  # COCOeval.stats[:5] for keypoints (no small)
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -57,6 +62,7 @@ def load_coco_gt(coco_gt, verbose: bool = False) -> COCO:
     polygon as a box and fails, and rasterizes NaN or huge coordinates without bound."""
     from ..data.coco import build_coco, load_json
     from ..data.validate import checked_coco
+    from ..data.validate_keypoints import labelled_keypoints
 
     if not isinstance(coco_gt, COCO):
         path = Path(coco_gt)
@@ -73,6 +79,8 @@ def load_coco_gt(coco_gt, verbose: bool = False) -> COCO:
                                           "counts": [image["height"] * image["width"]]}
         # COCOeval indexes `iscrowd` and `area` directly and raises KeyError without them.
         annotation.setdefault("iscrowd", 0)
+        if "keypoints" in annotation and "num_keypoints" not in annotation:
+            annotation["num_keypoints"] = labelled_keypoints(annotation["keypoints"])
         if "area" not in annotation:
             if "segmentation" in annotation:
                 annotation["area"] = float(mask_utils.area(coco_gt.annToRLE(annotation)))
@@ -90,11 +98,14 @@ def _check_results(coco_gt: COCO, results: list[dict], iou_types) -> None:
         raise MaskRCNNError(f"{len(unknown)} image ids in the results are not in the ground truth ({shown}); "
                             f"wrong annotation file?")
     for iou_type in iou_types:
-        key = "segmentation" if iou_type == "segm" else "bbox"
-        missing = sum(1 for r in results if key not in r)
+        key = {"segm": "segmentation", "bbox": "bbox", "keypoints": "keypoints"}[iou_type]
+        scored = keypoint_results(coco_gt, results) if iou_type == "keypoints" else results
+        missing = sum(1 for r in scored if key not in r)
         if missing:
             raise MaskRCNNError(f"{iou_type} evaluation needs '{key}' in every result; {missing} of "
-                                f"{len(results)} results lack it")
+                                f"{len(scored)} results lack it")
+        if iou_type == "keypoints":
+            check_keypoint_lengths(coco_gt, scored)
     unknown_categories = sorted({r["category_id"] for r in results} - set(coco_gt.getCatIds()))
     if unknown_categories:
         # COCOeval silently ignores these, which would look like a bad model instead of a bad mapping.
@@ -102,14 +113,27 @@ def _check_results(coco_gt: COCO, results: list[dict], iou_types) -> None:
                       f"{unknown_categories[:10]}", stacklevel=3)
 
 
+def default_iou_types(coco_gt: COCO, results: list[dict]) -> tuple[str, ...]:
+    """bbox; segm unless the results are those of a box + keypoint model (keypoints and no mask anywhere);
+    keypoints when the ground truth has keypoint categories and a result has keypoints."""
+    predicts_keypoints = any("keypoints" in r for r in results)
+    with_masks = not predicts_keypoints or any("segmentation" in r for r in results)
+    with_keypoints = bool(keypoint_categories(coco_gt)) and predicts_keypoints
+    return ("bbox",) + ("segm",) * with_masks + ("keypoints",) * with_keypoints
+
+
 def _results_coco(coco_gt: COCO, results: list[dict], iou_type: str) -> COCO:
     """Results as a COCO object, without mutating the caller's dicts (loadRes writes into them).
 
     For segm the box is dropped so loadRes derives area from the mask: COCOeval's area ranges for
-    unmatched detections must use mask area, as in the official evaluation of segmentation results.
+    unmatched detections must use mask area, as in the official evaluation of segmentation results. For
+    keypoints both are dropped, so that loadRes takes the area of the keypoints' extent, as pycocotools
+    does for keypoint results (torchvision's references write them without box or mask too).
     """
-    drop = "bbox" if iou_type == "segm" else "segmentation"
-    anns = [{k: v for k, v in r.items() if k != drop} for r in results]
+    drop = {"segm": ("bbox",), "bbox": ("segmentation",), "keypoints": ("bbox", "segmentation")}[iou_type]
+    if iou_type == "keypoints":
+        results = keypoint_results(coco_gt, results)
+    anns = [{k: v for k, v in r.items() if k not in drop} for r in results]
     if not anns:
         # loadRes indexes anns[0]; an empty results object is the same images/categories with no annotations.
         res = COCO()
@@ -137,18 +161,23 @@ def _per_class_ap(coco_eval: COCOeval, coco_gt: COCO) -> dict[str, float]:
     return per_class
 
 
-def coco_evaluate(coco_gt, results: list[dict], iou_types=IOU_TYPES, verbose: bool = True) -> dict:
+def coco_evaluate(coco_gt, results: list[dict], iou_types=None, verbose: bool = True) -> dict:
     """COCO metrics of `results` against `coco_gt` (COCO object or annotation json path).
 
     Every ground-truth image is evaluated, so images without detections count as misses. See the module
     docstring for the returned layout. Empty `results` give AP 0 (pycocotools' loadRes cannot take them).
+    `iou_types` None: `default_iou_types` (bbox, segm, and keypoints where both sides have them). Keypoints
+    are scored by OKS on the categories that define keypoints, with `keypoint_sigmas`.
     """
+    coco_gt = load_coco_gt(coco_gt, verbose=verbose)
+    results = list(results)
+    iou_types = default_iou_types(coco_gt, results) if iou_types is None else iou_types
     iou_types = (iou_types,) if isinstance(iou_types, str) else tuple(iou_types)
     for iou_type in iou_types:
         if iou_type not in IOU_TYPES:
             raise ValueError(f"unsupported iou type {iou_type!r}; expected one of {IOU_TYPES}")
-    coco_gt = load_coco_gt(coco_gt, verbose=verbose)
-    results = list(results)
+        if iou_type == "keypoints" and not keypoint_categories(coco_gt):
+            raise MaskRCNNError("keypoints evaluation needs a ground truth with keypoints (no category has any)")
     _check_results(coco_gt, results, iou_types)
 
     metrics: dict = {}
@@ -158,13 +187,17 @@ def coco_evaluate(coco_gt, results: list[dict], iou_types=IOU_TYPES, verbose: bo
             coco_dt = _results_coco(coco_gt, results, iou_type)
             coco_eval = COCOeval(coco_gt, coco_dt, iouType=iou_type)
             coco_eval.params.imgIds = sorted(coco_gt.getImgIds())
+            if iou_type == "keypoints":
+                coco_eval.params.catIds = keypoint_categories(coco_gt)
+                coco_eval.params.kpt_oks_sigmas = keypoint_sigmas(coco_gt)
             coco_eval.evaluate()
             coco_eval.accumulate()
         if verbose:
             print(f"IoU metric: {iou_type}")
         with _quiet(verbose):
             coco_eval.summarize()
-        metrics[iou_type] = {name: float(value) for name, value in zip(STAT_NAMES, coco_eval.stats[:6])}
+        names = KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES
+        metrics[iou_type] = {name: float(value) for name, value in zip(names, coco_eval.stats)}
         per_class[iou_type] = _per_class_ap(coco_eval, coco_gt)
     metrics["per_class"] = per_class
     return metrics
@@ -173,15 +206,15 @@ def coco_evaluate(coco_gt, results: list[dict], iou_types=IOU_TYPES, verbose: bo
 def format_metrics_table(metrics: dict) -> str:
     """Percent with one decimal, one row per IoU type; '-' where pycocotools reports undefined (-1)."""
     rows = [iou_type for iou_type in IOU_TYPES if iou_type in metrics]
-    width = 7
-    lines = ["".ljust(5) + "".join(name.rjust(width) for name in STAT_NAMES)]
+    width, label = 7, max([5] + [len(row) + 1 for row in rows])
+    lines = ["".ljust(label) + "".join(name.rjust(width) for name in STAT_NAMES)]
     for iou_type in rows:
         cells = []
         for name in STAT_NAMES:
             value = metrics[iou_type].get(name)
             undefined = value is None or not math.isfinite(value) or value < 0
             cells.append(("-" if undefined else f"{100 * value:.1f}").rjust(width))
-        lines.append(iou_type.ljust(5) + "".join(cells))
+        lines.append(iou_type.ljust(label) + "".join(cells))
     return "\n".join(lines)
 
 
@@ -264,8 +297,15 @@ def _to_coco(output: dict, image_id: int, image_size, category_ids, mask_thresho
             # COCO masks must be at the annotated image size, or IoUs are meaningless (pycocotools raises).
             raise ValueError(f"model returned {tuple(masks.shape[-2:])} masks for a {tuple(image_size)} image")
         rles = encode_rle(mask_pixels(masks, mask_threshold))
-    return coco_results(boxes, labels, scores, rles, category_ids=category_ids, fields={"image_id": int(image_id)},
-                        exact=True)
+    entries = coco_results(boxes, labels, scores, rles, category_ids=category_ids,
+                           fields={"image_id": int(image_id)}, exact=True)
+    if output.get("keypoints") is not None:
+        keypoints = keypoint_lists(output["keypoints"])
+        if len(keypoints) != len(entries):
+            raise ValueError(f"model returned {len(keypoints)} sets of keypoints for {len(boxes)} boxes")
+        for entry, points in zip(entries, keypoints):
+            entry["keypoints"] = points
+    return entries
 
 
 def predict_dataset(model, dataset, *, category_ids, batch_size: int = 1, mask_threshold: float = 0.5,
@@ -344,5 +384,5 @@ def predict_dataset(model, dataset, *, category_ids, batch_size: int = 1, mask_t
     return results
 
 
-__all__ = ["coco_evaluate", "format_metrics_table", "predict_dataset", "write_metrics", "load_coco_gt",
-           "PredictionResults", "ImageFailure", "STAT_NAMES"]
+__all__ = ["coco_evaluate", "default_iou_types", "format_metrics_table", "predict_dataset", "write_metrics",
+           "load_coco_gt", "PredictionResults", "ImageFailure", "STAT_NAMES", "KEYPOINT_STAT_NAMES"]

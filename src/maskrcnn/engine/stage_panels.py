@@ -87,13 +87,28 @@ def write_stage_panels(model, image: np.ndarray, out_dir: str | Path, *, max_box
     shown = to_display_uint8(image)
     device = next(model.parameters()).device
     stages = stage_outputs(model, to_float_tensor(image).to(device))
-    rng = np.random.default_rng(seed)
-    written = []
+    per_cell = model.rpn.anchor_generator.num_anchors_per_location
+    written = [_save(_anchor_panel(plt, stages, shown, per_cell, np.random.default_rng(seed)),
+                     out / "1_anchors.png")]
+    for name, boxes, scores, title in (
+            ("2_proposals_before_nms.png", stages["candidates"], stages["candidate_scores"],
+             "RPN candidates before NMS (top {n} of {total} by objectness)"),
+            ("3_proposals_after_nms.png", stages["proposals"], stages["proposal_scores"],
+             "RPN proposals after NMS (top {n} of {total})")):
+        written.append(_save(_proposal_panel(plt, shown, boxes, scores, title, max_boxes), out / name))
+    written.append(_save(_refinement_panel(plt, stages, shown, max_refinements), out / "4_box_refinement.png"))
+    path = out / "5_detections.png"  # final detections with masks
+    save_png(path, draw_detections(shown, stages["boxes"], stages["labels"], stages["scores"],
+                                   stages["masks"] > 0.5, model.class_names))
+    written.append(path)
+    written.append(_save(_mask_panel(plt, stages, model, top_masks), out / "6_mask_probabilities.png"))
+    return written
 
-    # 1. anchors: at a handful of random cells per level, every aspect ratio
+
+def _anchor_panel(plt, stages: dict, shown: np.ndarray, per_cell: int, rng: np.random.Generator):
+    """1. anchors: at a handful of random cells per level, every aspect ratio."""
     levels = len(stages["anchors"])
     fig, axes = plt.subplots(1, levels, figsize=(4 * levels, 4.4))
-    per_cell = model.rpn.anchor_generator.num_anchors_per_location
     for ax, anchors, stride, name in zip(np.atleast_1d(axes), stages["anchors"], stages["anchor_strides"],
                                           [f"P{i + 2}" for i in range(levels)]):
         cells = len(anchors) // per_cell
@@ -104,22 +119,21 @@ def write_stage_panels(model, image: np.ndarray, out_dir: str | Path, *, max_box
         ax.set_title(f"{name}: stride {stride}, {len(anchors)} anchors")
         ax.axis("off")
     fig.suptitle("Anchors (6 random positions per level, all aspect ratios)")
-    written.append(_save(fig, out / "1_anchors.png"))
+    return fig
 
-    # 2-3. proposals before and after NMS, coloured by objectness
-    for name, boxes, scores, title in (
-            ("2_proposals_before_nms.png", stages["candidates"], stages["candidate_scores"],
-             "RPN candidates before NMS (top {n} of {total} by objectness)"),
-            ("3_proposals_after_nms.png", stages["proposals"], stages["proposal_scores"],
-             "RPN proposals after NMS (top {n} of {total})")):
-        order = np.argsort(-scores)[:max_boxes][::-1]  # best drawn last, on top
-        fig, ax = plt.subplots(figsize=(9, 9 * shown.shape[0] / shown.shape[1] + 0.6))
-        ax.imshow(_draw_boxes(_dim(shown), boxes[order], _score_colors(scores[order])))
-        ax.set_title(title.format(n=len(order), total=len(boxes)))
-        ax.axis("off")
-        written.append(_save(fig, out / name))
 
-    # 4. refinement: proposal (dashed) -> final box (solid) for the best detections
+def _proposal_panel(plt, shown: np.ndarray, boxes: np.ndarray, scores: np.ndarray, title: str, max_boxes: int):
+    """2-3. proposals before and after NMS, coloured by objectness."""
+    order = np.argsort(-scores)[:max_boxes][::-1]  # best drawn last, on top
+    fig, ax = plt.subplots(figsize=(9, 9 * shown.shape[0] / shown.shape[1] + 0.6))
+    ax.imshow(_draw_boxes(_dim(shown), boxes[order], _score_colors(scores[order])))
+    ax.set_title(title.format(n=len(order), total=len(boxes)))
+    ax.axis("off")
+    return fig
+
+
+def _refinement_panel(plt, stages: dict, shown: np.ndarray, max_refinements: int):
+    """4. refinement: proposal (dashed) -> final box (solid) for the best detections."""
     fig, ax = plt.subplots(figsize=(9, 9 * shown.shape[0] / shown.shape[1] + 0.6))
     ax.imshow(_dim(shown))
     best = slice(0, max_refinements)
@@ -133,15 +147,11 @@ def write_stage_panels(model, image: np.ndarray, out_dir: str | Path, *, max_box
     shown_n = min(max_refinements, len(stages["boxes"]))
     ax.set_title(f"Box head: proposal (dashed) -> final box (solid), best {shown_n} of {len(stages['boxes'])}")
     ax.axis("off")
-    written.append(_save(fig, out / "4_box_refinement.png"))
+    return fig
 
-    # 5. final detections with masks
-    path = out / "5_detections.png"
-    save_png(path, draw_detections(shown, stages["boxes"], stages["labels"], stages["scores"],
-                                   stages["masks"] > 0.5, model.class_names))
-    written.append(path)
 
-    # 6. raw 28x28 mask probabilities of the best detections
+def _mask_panel(plt, stages: dict, model, top_masks: int):
+    """6. raw 28x28 mask probabilities of the best detections."""
     n = min(top_masks, len(stages["mask_probs"]))
     cols = max(1, min(4, n))
     rows = max(1, -(-n // cols))
@@ -153,8 +163,7 @@ def write_stage_panels(model, image: np.ndarray, out_dir: str | Path, *, max_box
             ax.set_title(f"{model.class_names[int(stages['labels'][k])]} {stages['scores'][k]:.2f}", fontsize=9)
     fig.suptitle(f"Mask head output: {model.mask_predictor.logits.out_channels}-class masks, "
                  f"the detected class's 28x28 probabilities" if n else "No detections")
-    written.append(_save(fig, out / "6_mask_probabilities.png"))
-    return written
+    return fig
 
 
 def _save(fig, path: Path) -> Path:

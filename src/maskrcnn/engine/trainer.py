@@ -17,6 +17,7 @@ from . import distributed
 from .checkpoint import TRAIN_FORMAT_TAG, atomic_torch_save, read_training_checkpoint
 from .config import RECIPE_FIELDS, TrainConfig, plain
 from .ema import WeightAverage
+from .evaluate import IOU_TYPES as EVAL_TASKS
 from .metrics_log import MetricsLog
 from .run_folder import start_run_folder
 from .schedule import build_optimizer
@@ -48,7 +49,9 @@ class _Trainer:
         self.iters_per_epoch, self.total_iters = data.iters_per_epoch, data.total_iters
         # the raw model being trained (its weights are what last.pt saves)
         self.network, self.model_note = build_training_model(config, self.dataset.num_classes,
-                                                             self.dataset.class_names, self.dataset.category_ids)
+                                                             self.dataset.class_names, self.dataset.category_ids,
+                                                             keypoint_names=self.dataset.keypoint_names,
+                                                             skeleton=self.dataset.skeleton)
         self.network.transform.resize_in_training = False  # the data pipeline owns training-time resizing
         self.network.to(device)
         self.network.train()
@@ -235,7 +238,8 @@ class _Trainer:
         if self.main and done:
             ap = ""
             if self.last_eval:
-                ap = f"; val bbox AP {self.last_eval['bbox']['AP']:.3f}, segm AP {self.last_eval['segm']['AP']:.3f}"
+                ap = "; val " + ", ".join(f"{task} AP {self.last_eval[task]['AP']:.3f}" for task in EVAL_TASKS
+                                          if task in self.last_eval)
             print(f"done: {iteration} iterations in {seconds / 60:.1f} min{ap}; weights in "
                   f"{self.run_dir / 'model.safetensors'}", flush=True)
         return summary
@@ -317,11 +321,13 @@ class _Trainer:
     def _evaluate(self, iteration: int, bar) -> None:
         def work():
             metrics = evaluate_model(self.evaluated, self.val_dataset, self.device, self.config.eval_batch_size)
-            summary = {task: metrics[task] for task in ("bbox", "segm") if task in metrics}
+            summary = {task: metrics[task] for task in EVAL_TASKS if task in metrics}
             self.last_eval = {"iteration": iteration, **summary}
             self.log.evaluation(iteration, summary)
-            ap = summary["segm"]["AP"]
-            bar.write(f"iteration {iteration}: val bbox AP {summary['bbox']['AP']:.4f}, segm AP {ap:.4f}")
+            # the best weights by mask AP; a box + keypoint model (no mask branch) by keypoint AP
+            ap = summary["segm" if "segm" in summary else "keypoints" if "keypoints" in summary else "bbox"]["AP"]
+            bar.write(f"iteration {iteration}: val " + ", ".join(f"{task} AP {summary[task]['AP']:.4f}"
+                                                                 for task in summary))
             if self.best_metric is None or ap > self.best_metric:
                 from ..weights import save_checkpoint
 
@@ -360,7 +366,8 @@ class _Trainer:
 
 
 def evaluate_model(model, dataset, device: torch.device, batch_size: int = 4) -> dict:
-    """COCO bbox + segm metrics of `model` on a CocoDataset; leaves the model in the mode it found it."""
+    """COCO bbox + segm (+ keypoints, when both sides have them) metrics of `model` on a CocoDataset; leaves
+    the model in the mode it found it."""
     from .evaluate import coco_evaluate, predict_dataset
 
     was_training = model.training
@@ -368,6 +375,6 @@ def evaluate_model(model, dataset, device: torch.device, batch_size: int = 4) ->
     try:
         results = predict_dataset(model, dataset, category_ids=model.category_ids, batch_size=batch_size,
                                   device=device, progress=False)
-        return coco_evaluate(dataset.coco, results, iou_types=("bbox", "segm"), verbose=False)
+        return coco_evaluate(dataset.coco, results, verbose=False)
     finally:
         model.train(was_training)

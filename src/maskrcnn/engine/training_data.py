@@ -25,7 +25,11 @@ def open_training_data(c: TrainConfig, main: bool) -> TrainingData:
     from ..data.augment import AspectRatioGroupedBatches
 
     dataset = open_dataset(c.train_annotations, c.train_images, "training", skip_invalid=c.skip_invalid,
-                           transforms=training_transforms(c), augment_seed=derive_seed(c.seed, _AUGMENT))
+                           augment_seed=derive_seed(c.seed, _AUGMENT))
+    try:  # flips swap left/right keypoints, by the names of the dataset's keypoints
+        dataset.transforms = training_transforms(c, dataset.keypoint_names)
+    except ValueError as e:
+        raise MaskRCNNError(f"{c.train_annotations}: {e}") from None
     if len(dataset) == 0:
         raise MaskRCNNError(f"{c.train_annotations}: the training set has no images")
     skipped = sum(dataset.skipped.values())  # crowd regions, degenerate boxes, empty masks
@@ -43,15 +47,19 @@ def open_training_data(c: TrainConfig, main: bool) -> TrainingData:
         if val_dataset.category_ids != dataset.category_ids:
             raise MaskRCNNError(f"{c.val_annotations}: categories differ from the training set's "
                                 f"({c.train_annotations})")
+        if val_dataset.keypoint_names != dataset.keypoint_names:
+            raise MaskRCNNError(f"{c.val_annotations}: keypoints differ from the training set's "
+                                f"({c.train_annotations})")
     return TrainingData(dataset, batches, iters_per_epoch, total_iters, val_dataset)
 
 
-def training_transforms(config: TrainConfig):
+def training_transforms(config: TrainConfig, keypoint_names=()):
+    """The augmentation of `config`; `keypoint_names` (the dataset's) tell flips which keypoints swap."""
     from ..data.augment import Compose, LargeScaleJitter, RandomHorizontalFlip, ResizeShortestSide
 
     steps = []
     if config.flip:
-        steps.append(RandomHorizontalFlip(0.5))
+        steps.append(RandomHorizontalFlip(0.5, keypoint_names=keypoint_names))
     if config.lsj:
         steps.append(LargeScaleJitter(config.lsj, tuple(config.lsj_scale)))
     else:

@@ -17,25 +17,30 @@ CLASS_DEPENDENT_KEYS = {
 }
 
 
-def build_training_model(config: TrainConfig, num_classes: int, class_names: list[str],
-                         category_ids: list[int]) -> tuple[torch.nn.Module, str]:
-    """A model from `arch` (from scratch) or from `init` weights; returns it and a line saying what was done."""
+def build_training_model(config: TrainConfig, num_classes: int, class_names: list[str], category_ids: list[int],
+                         keypoint_names=(), skeleton=()) -> tuple[torch.nn.Module, str]:
+    """A model from `arch` (from scratch) or from `init` weights; returns it and a line saying what was done.
+
+    With `keypoint_names` (the training set's) the model gets a keypoint head of that many keypoints
+    (ModelConfig `keypoints`) and keeps the names and the `skeleton` (COCO's 1-based pairs) in its config."""
     from ..modeling.model import MaskRCNN, ModelConfig, arch_config
     from ..weights import load_state, read_checkpoint
 
     torch.manual_seed(derive_seed(config.seed, _INIT))
     size = _eval_image_size(config)
+    keypoints = {"keypoints": len(keypoint_names), "keypoint_names": tuple(keypoint_names),
+                 "skeleton": tuple(tuple(edge) for edge in skeleton)} if keypoint_names else {}
     if config.init is None:
         try:
             model_config = arch_config(config.arch, num_classes,
-                                       **merge_model_options(config.scratch_model, size, config.model))
+                                       **merge_model_options(config.scratch_model, size, config.model, keypoints))
             model = MaskRCNN(model_config, list(class_names), list(category_ids))
         except (TypeError, ValueError) as e:
             raise MaskRCNNError(f"bad model settings: {e}") from None
         return model, f"{config.arch} from scratch ({num_classes} classes)"
 
     state, init_config, init_names, _ = read_checkpoint(config.init)
-    options = merge_model_options(init_config.to_dict(), size, config.model, {"num_classes": num_classes})
+    options = merge_model_options(init_config.to_dict(), size, config.model, {"num_classes": num_classes}, keypoints)
     try:
         model = MaskRCNN(ModelConfig.from_dict(options), list(class_names), list(category_ids))
     except (TypeError, ValueError) as e:

@@ -1,11 +1,12 @@
-"""Export a model to ONNX or TorchScript.
+"""Export a model to ONNX, TorchScript or OpenVINO IR.
 
 Both formats hold the same graph, `DetectionGraph`: from one normalised image, zero-padded to a multiple of
 32, to its detections and their 28x28 mask probabilities. Resizing before it and pasting masks after it
-are left to `maskrcnn.export.runtime` (numpy): the resize factor is Python arithmetic on the image size, which a
-trace would freeze, and unpasted masks let other runtimes paste only what they need. The class names and
+are left to `maskrcnn.export.runtime`: the resize factor is Python arithmetic on the image size, which a trace
+would freeze, and unpasted masks let other runtimes paste only what they need. The class names and
 every preprocessing setting travel inside the file (ONNX metadata_props / a TorchScript extra file), so an
-exported file is all `maskrcnn predict` needs.
+exported file is all `maskrcnn predict` needs. OpenVINO IR is converted from the ONNX graph by OpenVINO's own
+converter (`openvino_ir.py`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from ..errors import MaskRCNNError
 from ..files import atomic_path
 from ..modeling.model import MaskRCNN
 from .graph import DetectionGraph
-from .runtime import INPUT_NAMES, METADATA_FORMAT, METADATA_KEY, output_names
+from .openvino_ir import write_ir
+from .runtime import INPUT_NAMES, METADATA_FORMAT, METADATA_KEY, OUTPUT_NAMES, output_names
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "openvino")
+SUFFIXES = {"onnx": ".onnx", "openvino": ".xml"}  # how predict recognises the file; TorchScript: any
 ONNX_OPSET = 17  # >= 16: RoiAlign with an explicit coordinate transformation mode
 
 
@@ -51,17 +54,26 @@ def example_inputs(model: MaskRCNN, height: int = 320, width: int = 416) -> tupl
 
 
 def export(model: MaskRCNN, path: str | os.PathLike, fmt: str = "onnx") -> Path:
-    """Write `model` as an ONNX or TorchScript file (written atomically) and return its path."""
+    """Write `model` as an ONNX, TorchScript or OpenVINO IR file (written atomically) and return its path."""
     if fmt not in FORMATS:
         raise MaskRCNNError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if model.precision != "fp32":
         raise MaskRCNNError(f"export needs an fp32 model, got precision {model.precision!r}")
     path = Path(path)
-    if fmt == "onnx" and path.suffix.lower() != ".onnx":
-        raise MaskRCNNError(f"{path}: an ONNX file must end in .onnx (that is how predict recognises it)")
+    if fmt in SUFFIXES and path.suffix.lower() != SUFFIXES[fmt]:
+        raise MaskRCNNError(f"{path}: an {fmt} file must end in {SUFFIXES[fmt]} (that is how predict recognises it)")
     if next(model.parameters()).device.type != "cpu" or model.training:
         model = copy.deepcopy(model).cpu().eval()  # leave the caller's model where and as it was
     graph = DetectionGraph(model).eval()
+    if fmt == "openvino" and output_names(model.config) != OUTPUT_NAMES:  # its runtime reads these four by name
+        raise MaskRCNNError("OpenVINO export takes mask models only (this model has keypoints or no masks); "
+                            "export it as onnx or torchscript")
+    if fmt == "openvino":
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            write_ir(lambda onnx_path: _export_onnx(graph, onnx_path, metadata(model)), path, metadata(model),
+                     METADATA_KEY)
+        return path
     with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and exporter deprecation chatter, nothing actionable
         if fmt == "onnx":

@@ -28,16 +28,21 @@ class AnchorGenerator(nn.Module):
         return len(self.aspect_ratios)
 
     def forward(self, batch_shape: tuple[int, int], feature_shapes: list[tuple[int, int]],
-                device: torch.device) -> list[torch.Tensor]:
+                device: torch.device, cache: bool = True) -> list[torch.Tensor]:
         """Anchors per level, each (H*W*A, 4) ordered by row, column, then ratio — the order in which
-        the RPN head's outputs are flattened. Identical for every image of a batch."""
+        the RPN head's outputs are flattened. Identical for every image of a batch. cache=False (tracing):
+        computed from the shapes every time, as a cached grid would be a constant in the trace."""
+        if not cache:
+            return self._grids(batch_shape, feature_shapes, device)
         key = (tuple(batch_shape), tuple(map(tuple, feature_shapes)), str(device))
         if key not in self._cache:
             if len(self._cache) > 32:
                 self._cache.clear()
-            self._cache[key] = [self._grid(batch_shape, shape, size, device)
-                                for shape, size in zip(feature_shapes, self.sizes)]
+            self._cache[key] = self._grids(batch_shape, feature_shapes, device)
         return self._cache[key]
+
+    def _grids(self, batch_shape, feature_shapes, device) -> list[torch.Tensor]:
+        return [self._grid(batch_shape, shape, size, device) for shape, size in zip(feature_shapes, self.sizes)]
 
     def _grid(self, batch_shape, feature_shape, size, device) -> torch.Tensor:
         fh, fw = feature_shape

@@ -1,10 +1,12 @@
-"""Box regression targets: deltas (dx, dy, dw, dh) of a box relative to a reference box."""
+"""Box arithmetic: regression deltas (dx, dy, dw, dh) relative to a reference box, clipping, the size filter
+and NMS within groups."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from torchvision.ops import batched_nms, nms
 
 
 class BoxCoder:
@@ -52,9 +54,10 @@ class BoxCoder:
         return torch.stack((x - half_w, y - half_h, x + half_w, y + half_h), dim=2)
 
 
-def clip_boxes(boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-    """Clamp xyxy boxes (any leading shape) to an image of (height, width)."""
-    h, w = image_size
+def clip_boxes(boxes: torch.Tensor, image_size) -> torch.Tensor:
+    """Clamp xyxy boxes (any leading shape) to an image of (height, width): two ints, or a (2,) float tensor
+    (an exported graph's input, which a trace keeps as a value rather than freezing it)."""
+    h, w = image_size[0], image_size[1]
     x = boxes[..., 0::2].clamp(min=0, max=w)
     y = boxes[..., 1::2].clamp(min=0, max=h)
     return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
@@ -64,3 +67,18 @@ def nonempty(boxes: torch.Tensor, min_size: float) -> torch.Tensor:
     """Indices of boxes at least `min_size` wide and high."""
     keep = ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size)
     return torch.where(keep)[0]
+
+
+def nms_per_group(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_thresh: float,
+                  image_size, traceable: bool = False) -> torch.Tensor:
+    """NMS within each group (class or pyramid level): indices of the kept boxes, best score first.
+
+    traceable=False: torchvision's batched_nms, which picks its method by the number of boxes (the parity
+    path). traceable=True, for an exported graph: boxes clipped to `image_size` (a (2,) tensor) are kept
+    apart by shifting each group by more than the image is wide and high, one NMS over all. (torchvision's
+    batched_nms measures that shift with boxes.max() behind an `if` on the box count, which a trace freezes,
+    and max() fails on no boxes.)"""
+    if not traceable:
+        return batched_nms(boxes, scores, groups, iou_thresh)
+    offsets = groups.to(boxes.dtype)[:, None] * (image_size.max() + 1)
+    return nms(boxes + offsets, scores, iou_thresh)

@@ -23,10 +23,10 @@ from .keypoints import heatmaps_to_keypoints, keypoint_names
 from .mask_head import MaskHead, MaskPredictor
 from .plan import PRECISIONS, Plan, inference_plan
 from .poolers import MultiLevelRoIAlign
-from .postprocess import MASK_PASTE_MODES, paste_masks, paste_masks_in_crops, select_detections
+from .postprocess import MASK_PASTE_MODES, select_detections, to_input_pixels
 from .rpn import RegionProposalNetwork, RPNConfig, RPNHead
 from .settings import InferenceSettings
-from .transform import ImageTransform, rescale_boxes, rescale_keypoints
+from .transform import ImageTransform
 
 
 @dataclass
@@ -371,15 +371,4 @@ class MaskRCNN(nn.Module):
 
     def to_input_pixels(self, det: dict, size: tuple[int, int], original: tuple[int, int],
                         masks: str = "image", mask_threshold: float | None = None) -> dict:
-        boxes = rescale_boxes(det["boxes"], size, original)
-        out = {"boxes": boxes, "labels": det["labels"], "scores": det["scores"]}
-        if "keypoints" in det:
-            out["keypoints"] = rescale_keypoints(det["keypoints"], size, original)
-            out["keypoints_scores"] = det["keypoints_scores"]
-        if "mask_probs" not in det:
-            return {**out, "image_size": original} if masks == "crops" else out
-        if masks == "crops":
-            crops, offsets = paste_masks_in_crops(det["mask_probs"], boxes, original, mode=self.config.mask_paste,
-                                                  threshold=mask_threshold)
-            return {**out, "mask_crops": crops, "mask_offsets": offsets, "image_size": original}
-        return {**out, "masks": paste_masks(det["mask_probs"], boxes, original, mode=self.config.mask_paste)[:, None]}
+        return to_input_pixels(det, size, original, self.config.mask_paste, masks, mask_threshold)

@@ -1,14 +1,15 @@
 """How the stages compute: one explicit choice, made where the model is called, passed down the stages.
 
 The same weights can run in three ways. Predicting in fp32 reproduces torchvision bit for bit; predicting in
-bf16/fp16 gives that up for speed; training needs gradients and takes the paths that are fast with their
+fp32-fast/bf16/fp16 gives that up for speed; training needs gradients and takes the paths that are fast with their
 backward. Each stage receives the field it depends on as an argument, so reading a call tells what runs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-PRECISIONS = ("fp32", "bf16", "fp16")  # MaskRCNN.precision, the arithmetic of inference
+# MaskRCNN.precision, the arithmetic of inference; "auto" picks one per device (maskrcnn/precision.py)
+PRECISIONS = ("fp32", "fp32-fast", "bf16", "fp16")
 
 # conv + norm (layers.conv_norm), for a fixed-statistics norm:
 #   "separate"  norm(conv(x)) with torchvision's two roundings (in place on the conv's output)
@@ -45,7 +46,7 @@ class Plan:
 
 # fp32 inference: torchvision's arithmetic throughout, bit-identical outputs.
 TORCHVISION = Plan()
-# bf16 / fp16 inference: already off bit-level parity, so every faster path. Channels-last lets oneDNN /
+# fp32-fast / bf16 / fp16 inference: already off bit-level parity, so every faster path. Channels-last lets oneDNN /
 # cuDNN run half-width convolutions without a layout reorder around each one; the mask head's four 3x3
 # convs are ~20% of a ResNet-50 model's FLOPs, so channels-last for them too.
 FAST_INFERENCE = Plan(norms="cached", roi_align="sparse", mask_classes="detected", channels_last=True,
@@ -53,7 +54,7 @@ FAST_INFERENCE = Plan(norms="cached", roi_align="sparse", mask_classes="detected
 
 
 def inference_plan(precision: str) -> Plan:
-    """"fp32" -> TORCHVISION; "bf16" / "fp16" -> FAST_INFERENCE."""
+    """"fp32" -> TORCHVISION; "fp32-fast" / "bf16" / "fp16" -> FAST_INFERENCE."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return TORCHVISION if precision == "fp32" else FAST_INFERENCE

@@ -7,6 +7,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.onnx.operators import shape_as_tensor
 from torchvision.ops import roi_align as tv_roi_align
 
 
@@ -19,12 +20,6 @@ def level_of_boxes(boxes: torch.Tensor, min_level: int | torch.Tensor, max_level
     level = torch.floor(canonical_level + torch.log2(side / canonical_size)
                         + torch.tensor(1e-6, dtype=side.dtype))
     return (level.clamp(min=min_level, max=max_level) - min_level).to(torch.int64)
-
-
-def _feature_scale(feature_size: int, image_size: int) -> float:
-    """The power of two closest to feature/image size. Read off the shapes rather than assumed from the
-    strides so that tiny images, where padding makes the two differ, pool the same way as torchvision."""
-    return 2.0 ** round(math.log2(feature_size / image_size))
 
 
 def _sample_weights(start: torch.Tensor, length: torch.Tensor, size: int, bins: int, ratio: int):
@@ -128,22 +123,41 @@ class MultiLevelRoIAlign(nn.Module):
         self.output_size = output_size
         self.sampling_ratio = sampling_ratio
 
-    def forward(self, features: list[torch.Tensor], boxes: list[torch.Tensor],
-                image_sizes: list[tuple[int, int]], kernel: str) -> torch.Tensor:
+    def forward(self, features: list[torch.Tensor], boxes: list[torch.Tensor], image_sizes: list,
+                kernel: str, traceable: bool = False) -> torch.Tensor:
         """features: P2..P5 (N, C, H, W); boxes: per image (K_i, 4) -> (sum K_i, C, S, S).
-        kernel: "torchvision" or "sparse" (which may differ from torchvision's in float rounding; see roi_align)."""
-        max_height = max(h for h, _ in image_sizes)
-        scales = [_feature_scale(f.shape[-2], max_height) for f in features]
+        kernel: "torchvision" or "sparse" (which may differ from torchvision's in float rounding; see roi_align).
+        Only the image heights are read (`pool`); traceable: see `pool`."""
         rois = torch.cat([torch.cat((torch.full_like(b[:, :1], i), b), dim=1) for i, b in enumerate(boxes)])
-        if len(features) == 1:
-            return roi_align(features[0], rois, self.output_size, scales[0], self.sampling_ratio, kernel)
-        min_level = round(-math.log2(scales[0]))
-        max_level = round(-math.log2(scales[-1]))
-        levels = level_of_boxes(rois[:, 1:], min_level, max_level)
-        out = features[0].new_zeros((rois.shape[0], features[0].shape[1], self.output_size, self.output_size))
-        for level, (feature, scale) in enumerate(zip(features, scales)):
+        return self.pool(features, rois, max(size[0] for size in image_sizes), kernel, traceable)
+
+    def pool(self, features: list[torch.Tensor], rois: torch.Tensor, height, kernel: str,
+             traceable: bool = False) -> torch.Tensor:
+        """(K, 5) rois [image, x1, y1, x2, y2] -> (K, C, S, S), each from the level its size picks.
+
+        Each level's scale is the power of two nearest to its height over the resized images' `height`, read
+        off the shapes rather than assumed from the strides so that tiny images, where padding makes the two
+        differ, pool as in torchvision; the level range follows from those scales: 1/4..1/32 for most
+        images, but a very flat one (resized height under ~75 px) gets other powers of two.
+
+        Every level runs, also on no boxes, and the results are gathered back into the boxes' order, so that
+        a trace has no branch (an index_put would be exported as a ScatterND whose reshape fails on an empty
+        level). traceable=True (an exported graph): `height` is a 0-d float tensor and the scales are read
+        off the shapes with tensor ops; as RoiAlign's scale is an attribute of the ONNX node, fixed at
+        export, the boxes are scaled instead (by a power of two: exact, the same sample points)."""
+        if traceable:
+            sides = torch.stack([shape_as_tensor(f)[2] for f in features]).to(torch.float32)
+            log_scales = torch.round(torch.log2(sides / height))
+        else:
+            log_scales = [round(math.log2(f.shape[-2] / height)) for f in features]
+        levels = level_of_boxes(rois[:, 1:], -log_scales[0], -log_scales[-1])
+        pooled, order = [], []
+        for level, feature in enumerate(features):
             idx = torch.where(levels == level)[0]
-            if idx.numel():
-                out[idx] = roi_align(feature, rois[idx], self.output_size, scale, self.sampling_ratio,
-                                     kernel).to(out.dtype)
-        return out
+            level_rois, scale = rois[idx], 2.0 ** log_scales[level]
+            if traceable:  # the scale would be a constant of the ONNX node: scale the boxes (exact, a power of 2)
+                level_rois, scale = torch.cat((level_rois[:, :1], level_rois[:, 1:] * scale), dim=1), 1.0
+            pooled.append(roi_align(feature, level_rois, self.output_size, scale, self.sampling_ratio, kernel))
+            order.append(idx)
+        # torch.cat(order) lists the boxes level by level; its argsort puts each result back at its box.
+        return torch.cat(pooled)[torch.argsort(torch.cat(order))]

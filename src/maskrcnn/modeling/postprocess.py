@@ -5,35 +5,72 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.ops import batched_nms
 
-from .boxes import BoxCoder, clip_boxes, nonempty
+from .boxes import BoxCoder, clip_boxes, nms_per_group, nonempty
+from .transform import rescale_boxes, rescale_keypoints
 
 
 def select_detections(class_logits: torch.Tensor, box_deltas: torch.Tensor, proposals: list[torch.Tensor],
-                      image_sizes: list[tuple[int, int]], box_coder: BoxCoder, *, score_thresh: float,
-                      nms_thresh: float, detections_per_img: int) -> list[dict[str, torch.Tensor]]:
+                      image_sizes: list, box_coder: BoxCoder, *, score_thresh, nms_thresh: float,
+                      detections_per_img, traceable: bool = False) -> list[dict[str, torch.Tensor]]:
     """Every (proposal, foreground class) pair is a candidate detection; keep those above `score_thresh`,
     suppress overlaps within each class, and keep the `detections_per_img` best. Each detection also
-    records the index of the proposal it was refined from (`proposal_index`)."""
+    records the index of the proposal it was refined from (`proposal_index`).
+
+    traceable=True (an exported graph, one image): the image size is a (2,) float tensor and score_thresh
+    and detections_per_img are 0-d tensors (graph inputs), so counts are read with tensor ops."""
     num_classes = class_logits.shape[-1]
-    counts = [len(p) for p in proposals]
-    boxes_all = box_coder.decode(box_deltas, torch.cat(proposals)).split(counts)
-    scores_all = F.softmax(class_logits, -1).split(counts)
+    boxes_all = box_coder.decode(box_deltas, torch.cat(proposals))
+    scores_all = F.softmax(class_logits, -1)
+    if len(proposals) > 1:  # the number of images, not data: a trace of one image has no split
+        counts = [len(p) for p in proposals]
+        boxes_all, scores_all = boxes_all.split(counts), scores_all.split(counts)
+    else:
+        boxes_all, scores_all = [boxes_all], [scores_all]
     results = []
     for boxes, scores, size in zip(boxes_all, scores_all, image_sizes):
         boxes = clip_boxes(boxes, size)[:, 1:].reshape(-1, 4)  # drop the background class
-        labels = torch.arange(1, num_classes, device=scores.device).repeat(len(scores))
-        source = torch.arange(len(scores), device=scores.device).repeat_interleave(num_classes - 1)
         scores = scores[:, 1:].reshape(-1)
+        # candidate i is (proposal i // (classes - 1), class i % (classes - 1) + 1)
+        candidate = torch.arange(scores.shape[0], device=scores.device)
+        labels, source = candidate % (num_classes - 1) + 1, candidate // (num_classes - 1)
         keep = torch.where(scores > score_thresh)[0]
         boxes, scores, labels, source = boxes[keep], scores[keep], labels[keep], source[keep]
         keep = nonempty(boxes, 1e-2)
         boxes, scores, labels, source = boxes[keep], scores[keep], labels[keep], source[keep]
-        keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
+        keep = _first(nms_per_group(boxes, scores, labels, nms_thresh, size, traceable), detections_per_img,
+                      traceable)
         results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep],
                         "proposal_index": source[keep]})
     return results
+
+
+def _first(indices: torch.Tensor, n, traceable: bool) -> torch.Tensor:
+    """indices[:n]; with `traceable`, n is a 0-d tensor (a graph input), which a slice would freeze."""
+    if traceable:
+        return indices[torch.arange(indices.shape[0], device=indices.device) < n]
+    return indices[:n]
+
+
+def to_input_pixels(det: dict, size: tuple[int, int], original: tuple[int, int], paste_mode: str,
+                    masks: str = "image", mask_threshold: float | None = None) -> dict:
+    """One image's detections in the resized image's pixels (boxes, labels, scores, `mask_probs` (K, M, M))
+    -> in the input image's: boxes rescaled, masks pasted in `paste_mode` into full (K, 1, H, W) `masks`, or
+    with masks="crops" into `mask_crops`, `mask_offsets` and `image_size` (see `MaskRCNN.predict`). The
+    last step of both the eager model and the exported one (`maskrcnn.export.runtime`). Keypoints
+    (`keypoints`, `keypoints_scores`) are rescaled too; without `mask_probs` there are no masks."""
+    boxes = rescale_boxes(det["boxes"], size, original)
+    out = {"boxes": boxes, "labels": det["labels"], "scores": det["scores"]}
+    if "keypoints" in det:  # a keypoint branch's (K, keypoints, 3) and (K, keypoints)
+        out["keypoints"] = rescale_keypoints(det["keypoints"], size, original)
+        out["keypoints_scores"] = det["keypoints_scores"]
+    if "mask_probs" not in det:  # a model without a mask branch
+        return {**out, "image_size": original} if masks == "crops" else out
+    if masks == "crops":
+        crops, offsets = paste_masks_in_crops(det["mask_probs"], boxes, original, mode=paste_mode,
+                                              threshold=mask_threshold)
+        return {**out, "mask_crops": crops, "mask_offsets": offsets, "image_size": original}
+    return {**out, "masks": paste_masks(det["mask_probs"], boxes, original, mode=paste_mode)[:, None]}
 
 
 MASK_PASTE_MODES = ("torchvision", "exact")
@@ -63,7 +100,7 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int,
     if n == 0:
         return masks.new_zeros((0, height, width))
     padded = F.pad(masks, (padding,) * 4)
-    spans = _paste_spans(boxes, m, padding, mode)
+    spans = paste_spans(boxes, m, padding, mode)
     rows = _paste_matrix(spans, 1, height, m + 2 * padding, masks.dtype)
     cols = _paste_matrix(spans, 0, width, m + 2 * padding, masks.dtype)
     return rows @ padded @ cols.transpose(1, 2)
@@ -87,38 +124,26 @@ def paste_masks_in_crops(masks: torch.Tensor, boxes: torch.Tensor, image_size: t
     height, width = image_size
     if n == 0:
         return [], torch.zeros((0, 2), dtype=torch.int64)
-    spans = _paste_spans(boxes, m, padding, mode)
-    bounds = [crop_bounds(spans[2 * axis], spans[2 * axis + 1], size, mode == "exact")
-              for axis, size in ((1, height), (0, width))]
-    crops, offsets = cut_crops(lambda i: paste_masks(masks[i:i + 1], boxes[i:i + 1], image_size, padding, mode)[0],
-                               bounds, image_size, threshold,
-                               lambda shape, as_bool: masks.new_zeros(shape, dtype=torch.bool if as_bool else None))
-    return crops, torch.tensor(offsets, dtype=torch.int64).reshape(-1, 2)
-
-
-def cut_crops(paste_one, bounds, image_size: tuple[int, int], threshold: float | None, zeros) -> tuple[list, list]:
-    """The crop loop of both pastes (torch here, numpy in maskrcnn.export.runtime): `paste_one(i)` is mask i's
-    (H, W) canvas, `bounds` its (rows, columns) from `crop_bounds`, `zeros(shape, as_bool)` an empty crop.
-    One canvas lives at a time. Returns (crops, [[top, left], ...])."""
-    height, width = image_size
-    n = len(bounds[0])
+    spans = paste_spans(boxes, m, padding, mode)
     if threshold is not None and threshold <= 0:  # the zeros outside the crops pass it too: whole image
         bounds = [(0, height)] * n, [(0, width)] * n
+    else:
+        bounds = [_crop_bounds(spans[2 * axis], spans[2 * axis + 1], size, mode == "exact")
+                  for axis, size in ((1, height), (0, width))]
     crops = []
     for i, ((top, bottom), (left, right)) in enumerate(zip(*bounds)):
         if bottom <= top or right <= left:
-            crops.append(zeros((max(bottom - top, 0), max(right - left, 0)), threshold is not None))
+            crops.append(masks.new_zeros((max(bottom - top, 0), max(right - left, 0)),
+                                         dtype=None if threshold is None else torch.bool))
             continue
-        crop = paste_one(i)[top:bottom, left:right]
-        if threshold is not None:
-            crops.append(crop >= threshold)
-        else:
-            crops.append(crop.clone() if isinstance(crop, torch.Tensor) else crop.copy())
+        crop = paste_masks(masks[i:i + 1], boxes[i:i + 1], image_size, padding, mode)[0, top:bottom, left:right]
+        crops.append(crop.clone() if threshold is None else crop >= threshold)
         del crop  # frees the canvas before the next one is made
-    return crops, [[top, left] for (top, _), (left, _) in zip(*bounds)]
+    offsets = [[top, left] for (top, _), (left, _) in zip(*bounds)]
+    return crops, torch.tensor(offsets, dtype=torch.int64).reshape(-1, 2)
 
 
-def _paste_spans(boxes: torch.Tensor, m: int, padding: int, mode: str) -> tuple[torch.Tensor, ...]:
+def paste_spans(boxes: torch.Tensor, m: int, padding: int, mode: str) -> tuple[torch.Tensor, ...]:
     """Where each padded mask goes, per axis (x, then y): mode "exact" (x start, x length, y start, y length)
     in continuous coordinates; mode "torchvision" (x0, x1, y0, y1), whole pixels, inclusive."""
     scale = (m + 2 * padding) / m
@@ -145,16 +170,16 @@ def _paste_matrix(spans: tuple[torch.Tensor, ...], axis: int, canvas: int, in_si
     return _exact_resize_matrix(a, b, in_size, canvas, dtype)
 
 
-def crop_bounds(first, last, canvas: int, exact: bool) -> list[tuple[int, int]]:
+def _crop_bounds(first: torch.Tensor, last: torch.Tensor, canvas: int, exact: bool) -> list[tuple[int, int]]:
     """Per mask, the pixels [begin, end) of one canvas axis outside which its pasted values are all 0, from
-    its span on that axis (numpy or torch, any device): whole pixels `first`..`last` inclusive, or with
+    its span on that axis (any device): whole pixels `first`..`last` inclusive, or with
     `exact`, the sub-pixel span starting at `first` of length `last`.
 
     Whole-pixel spans are exact. For a sub-pixel span, a pixel whose centre p + 0.5 is at or before the
     start reads position <= -0.5 (clamped onto the zero padding), and one a pixel and a half or more past
     the end reads >= in_size - 0.5 (the zero padding again), so a pixel of margin either side covers every
     pixel that can be non-zero whatever the float32 rounding."""
-    first, last = (np.asarray(t.detach().cpu() if hasattr(t, "detach") else t) for t in (first, last))
+    first, last = (t.detach().cpu().numpy() for t in (first, last))
     if exact:
         start, end = first.astype(np.float64), first.astype(np.float64) + last.astype(np.float64)
         begin, stop = np.floor(start).astype(np.int64) - 1, np.ceil(end).astype(np.int64) + 2

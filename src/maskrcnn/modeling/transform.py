@@ -30,7 +30,7 @@ class ImageTransform(nn.Module):
         for i, image in enumerate(images):
             if image.dim() != 3 or image.shape[0] != 3:
                 raise ValueError(f"image {i}: expected a (3, H, W) tensor, got shape {tuple(image.shape)}")
-            image = (image - self.mean.to(image.dtype)) / self.std.to(image.dtype)
+            image = self.normalize(image)
             target = targets[i] if targets is not None else None
             if not self.training or self.resize_in_training:
                 image, target = self.resize(image, target)
@@ -39,14 +39,22 @@ class ImageTransform(nn.Module):
             out_targets.append(target)
         return self.batch(out_images), sizes, (out_targets if targets is not None else None)
 
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        return (image - self.mean.to(image.dtype)) / self.std.to(image.dtype)
+
+    def resized_size(self, height: int, width: int, min_size: int | None = None) -> tuple[int, int]:
+        """(height, width) after resizing by the factor that brings the shorter side to `min_size` (None: the
+        last of the configured ones) unless the longer would then exceed max_size; rounded down."""
+        min_size = self.min_size[-1] if min_size is None else min_size
+        scale = min(float(min_size) / min(height, width), float(self.max_size) / max(height, width))
+        return int(height * scale), int(width * scale)
+
     def resize(self, image: torch.Tensor, target: dict | None = None):
         h, w = image.shape[-2:]
+        min_size = None
         if self.training and len(self.min_size) > 1:
             min_size = self.min_size[int(torch.randint(len(self.min_size), ()).item())]
-        else:
-            min_size = self.min_size[-1]
-        scale = min(float(min_size) / min(h, w), float(self.max_size) / max(h, w))
-        image = F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
+        image = F.interpolate(image[None], size=self.resized_size(h, w, min_size), mode="bilinear",
                               align_corners=False)[0]
         if target is not None:
             target = dict(target)
