@@ -16,6 +16,7 @@ import maskrcnn
 from conftest import tiny_model
 from maskrcnn import Predictor
 from maskrcnn.cli import main
+from maskrcnn.modeling.model import model_setting_problems
 from maskrcnn.results import Detections
 from maskrcnn.weights import save_checkpoint
 
@@ -89,6 +90,10 @@ def test_keypoint_settings_are_checked():
         tiny_model(masks=False)
     with pytest.raises(ValueError, match="masks must be true or false"):
         tiny_model(masks="no")
+    # overrides alone (--model-option masks=false): the keypoint count comes from the dataset later
+    assert model_setting_problems({"masks": False}) == []
+    assert model_setting_problems({"masks": False, "keypoints": 0}) == [
+        "a model needs a mask branch (masks) or a keypoint branch (keypoints > 0)"]
 
 
 def test_predict_command_writes_keypoint_results(model, val_images, tmp_path):

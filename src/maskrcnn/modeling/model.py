@@ -182,13 +182,15 @@ def model_setting_problems(options: dict) -> list[str]:
 
 
 def _keypoint_problems(options: dict) -> list[str]:
-    """The branch switches and the keypoint names / skeleton against the keypoint count."""
-    count, problems = options.get("keypoints", 0), []
-    if not isinstance(count, int) or isinstance(count, bool):
-        return problems  # already reported by the numeric rules
+    """The branch switches and the keypoint names / skeleton against the keypoint count; with only some
+    settings (overrides, merged with the dataset's keypoints later), what needs the count waits for it."""
+    problems = []
     if not isinstance(options.get("masks", True), bool):
         problems.append(f"masks must be true or false, got {options['masks']!r}")
-    elif options.get("masks") is False and count == 0:
+    count = options.get("keypoints")
+    if not isinstance(count, int) or isinstance(count, bool):
+        return problems  # not given here, or already reported by the numeric rules
+    if options.get("masks") is False and count == 0:
         problems.append("a model needs a mask branch (masks) or a keypoint branch (keypoints > 0)")
     names = options.get("keypoint_names", ())
     if names and len(names) != count:
