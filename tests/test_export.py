@@ -101,7 +101,10 @@ def assert_same_detections(expected, actual, name: str = "", box_tol: float = 0.
 
     A mask is pasted onto whole pixels, so a box edge a rounding error away from a pixel border may resample
     its mask onto a grid one pixel larger (~1 detection in 5000 here). Such a mask is exempt from the IoU
-    check, and only when the grids differ by that one pixel."""
+    check, and only when the grids differ by that one pixel. A box under 2 px across (random ResNet-50
+    weights make 640 x 1.4 px ones) has masks one or two pixels wide, whose edge pixels sit at the 0.5
+    threshold to within rounding: there the masks may differ by at most one pixel line along the box's long
+    side (measured: 14 pixels of 961 for a 640 x 1.4 px box; an input change of 3e-7 relative flips it)."""
     assert len(actual) == len(expected), name
     assert actual.masks.shape == expected.masks.shape, name
     np.testing.assert_array_equal(actual.labels, expected.labels, err_msg=name)
@@ -112,7 +115,11 @@ def assert_same_detections(expected, actual, name: str = "", box_tol: float = 0.
     same_grid = np.all(grid_a == grid_e, axis=1)
     intersection = (actual.masks & expected.masks).sum(axis=(1, 2))
     union = (actual.masks | expected.masks).sum(axis=(1, 2))
-    assert np.all(intersection[same_grid] >= 0.99 * union[same_grid]), name
+    sides = actual.boxes[:, 2:] - actual.boxes[:, :2]
+    thin = sides.min(axis=1, initial=np.inf) < 2 if len(sides) else np.zeros(0, bool)
+    line = np.ceil(sides.max(axis=1, initial=0)) + 2 if len(sides) else np.zeros(0)
+    ok = np.where(thin, union - intersection <= line, intersection >= 0.99 * union)
+    assert np.all(ok[same_grid]), name
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -240,7 +247,8 @@ def test_cli_export_then_predict_writes_what_pytorch_writes(fmt, model, val_imag
     assert status == 0 and exported_file.is_file() and str(exported_file) in stdout
 
     images = val_images[:2]
-    options = ["--device", "cpu", "--max-detections", "8", "--semantic", "--no-progress"]
+    # fp32 on both sides: predict's default precision "auto" would run the checkpoint in bf16 where the CPU has it
+    options = ["--device", "cpu", "--max-detections", "8", "--semantic", "--no-progress", "--precision", "fp32"]
     outputs = {}
     for name, source in (("torch", weights), (fmt, exported_file)):
         outputs[name] = tmp_path / name

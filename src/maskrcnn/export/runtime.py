@@ -5,12 +5,8 @@
 one dict of boxes, labels, scores and (N,1,H,W) mask probabilities per image) plus the attributes
 `Predictor` reads, so predict's files, drawing and formats are shared with the PyTorch path. The exported
 graph (see `graph.py`) starts at the normalised, padded image and ends at 28x28 masks; the steps around it
-are the eager model's own (`ImageTransform`'s normalising, resized size and padding before,
-`postprocess.to_input_pixels`'s box rescaling and mask pasting after), except the bilinear interpolation:
-`resize_bilinear` below (numpy), which differs from F.interpolate by float32 rounding (~5e-7). It stays
-because tests/test_export.py's slow random-weight ResNet-50 case turns such input differences into mask
-differences near its IoU limit: it passes with this interpolation and fails with F.interpolate's (and
-with this one on 9 of 10 inputs perturbed by that much), so switching waits until that test is robust.
+are the eager model's own (`ImageTransform` before, `postprocess.to_input_pixels`'s box rescaling and mask
+pasting after).
 """
 
 from __future__ import annotations
@@ -167,11 +163,10 @@ class ExportedModel:
                                            masks, mask_threshold)
 
     def preprocess(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """ImageTransform with numpy's interpolation (see the module's doc): (3, H, W) in [0, 1] ->
-        ((1, 3, H', W') normalised, resized, zero-padded batch, resized (h, w))."""
-        t = self.transform
-        resized = resize_bilinear(t.normalize(image).numpy(), *t.resized_size(image.shape[-2], image.shape[-1]))
-        return t.batch([torch.from_numpy(resized)]), resized.shape[-2:]
+        """The eager model's ImageTransform: (3, H, W) in [0, 1] -> ((1, 3, H', W') normalised, resized,
+        zero-padded batch, resized (h, w))."""
+        batch, sizes, _ = self.transform([image])
+        return batch, sizes[0]
 
 
 def _open_onnx(path: Path):
@@ -245,31 +240,6 @@ def _parse_metadata(text, path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- numpy
-# The interpolation of `ExportedModel.preprocess` (see the module's doc).
-
-def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices and weights of bilinear resizing along one axis, as PyTorch computes them for
-    align_corners=False: position (i + 0.5) * in/out - 0.5 clamped at 0, with the float32 scale. PyTorch's
-    CPU kernels evaluate the position as one fused multiply-add (a single rounding to float32), which
-    float64 arithmetic rounded once reproduces; two float32 roundings shift weights by up to 1e-4."""
-    scale = np.float64(np.float32(in_size) / np.float32(out_size))
-    src = np.maximum(scale * (np.arange(out_size) + 0.5) - 0.5, 0).astype(np.float32)
-    low = np.minimum(src.astype(np.int64), in_size - 1)
-    high = np.where(low < in_size - 1, low + 1, low)
-    frac = np.clip(src - low.astype(np.float32), 0, 1).astype(np.float32)
-    return low, high, frac
-
-
-def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(C, H, W) float32 -> (C, height, width); F.interpolate(mode="bilinear", align_corners=False) up to
-    float32 rounding."""
-    low, high, frac = _linear_taps(image.shape[-2], height)
-    f = frac[:, None]
-    rows = image[:, low, :] * (1 - f) + image[:, high, :] * f
-    low, high, frac = _linear_taps(image.shape[-1], width)
-    return rows[:, :, low] * (1 - frac) + rows[:, :, high] * frac
-
-
 # The eager model's pastes for callers that hold numpy arrays, e.g. another runtime's outputs of the graph.
 
 def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int], padding: int = 1,
@@ -301,5 +271,4 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.asarray(array, dtype=np.float32))
 
 
-__all__ = ["ExportedModel", "is_exported_file", "paste_bounds", "paste_masks", "paste_masks_in_crops",
-           "resize_bilinear"]
+__all__ = ["ExportedModel", "is_exported_file", "paste_bounds", "paste_masks", "paste_masks_in_crops"]
