@@ -159,12 +159,11 @@ def openvino_runners(weights: Path, xml: Path) -> dict:
     (its own choice of precision for this CPU: bf16 where the CPU has it), the anchor a deployer would pick."""
     from maskrcnn.export.files import export
     from maskrcnn.export.openvino_ir import OPENVINO_DEFAULT, open_ir
-    from maskrcnn.export.runtime import (INPUT_NAMES, METADATA_KEY, OUTPUT_NAMES, ExportedModel,
-                                         _parse_metadata)
+    from maskrcnn.export.runtime import INPUT_NAMES, METADATA_KEY, ExportedModel, _parse_metadata
 
     export(maskrcnn.load(weights), xml, "openvino")
     runners = {"openvino f32": ExportedModel.load(xml)}
-    run, text = open_ir(xml, METADATA_KEY, INPUT_NAMES, OUTPUT_NAMES, OPENVINO_DEFAULT, torch.get_num_threads())
+    run, text = open_ir(xml, METADATA_KEY, INPUT_NAMES, OPENVINO_DEFAULT, torch.get_num_threads())
     runners["openvino default"] = ExportedModel(run, _parse_metadata(text, xml), str(xml))
     return runners
 

@@ -9,11 +9,10 @@ from PIL import Image
 
 from conftest import tiny_model
 from maskrcnn import Predictor
-from maskrcnn.errors import MaskRCNNError
 from maskrcnn.export.files import export
 from maskrcnn.export.runtime import ExportedModel
 
-SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "openvino": ".xml"}
 
 
 def keypoint_model(kind: str):
@@ -30,7 +29,8 @@ def photos(val_images) -> list[np.ndarray]:
     return arrays
 
 
-@pytest.mark.parametrize("kind, fmt", [("keypoints", "onnx"), ("both", "onnx"), ("both", "torchscript")])
+@pytest.mark.parametrize("kind, fmt", [("keypoints", "onnx"), ("both", "onnx"), ("both", "torchscript"),
+                                       ("keypoints", "openvino"), ("both", "openvino")])
 def test_exported_keypoints_are_the_pytorch_ones(kind, fmt, photos, tmp_path):
     model = keypoint_model(kind)
     path = export(model, tmp_path / f"kp{SUFFIX[fmt]}", fmt)
@@ -47,9 +47,3 @@ def test_exported_keypoints_are_the_pytorch_ones(kind, fmt, photos, tmp_path):
         np.testing.assert_allclose(actual.keypoints, expected.keypoints, rtol=0, atol=0.05)
         np.testing.assert_allclose(actual.keypoint_scores, expected.keypoint_scores, rtol=0, atol=1e-3)
         assert actual.skeleton == [(1, 2)]
-
-
-def test_openvino_export_refuses_keypoint_models(tmp_path):
-    with pytest.raises(MaskRCNNError, match="OpenVINO export takes mask models only"):
-        export(keypoint_model("both"), tmp_path / "kp.xml", "openvino")
-    assert not list(tmp_path.iterdir())

@@ -24,7 +24,7 @@ from ..files import atomic_path
 from ..modeling.model import MaskRCNN
 from .graph import DetectionGraph
 from .openvino_ir import write_ir
-from .runtime import INPUT_NAMES, METADATA_FORMAT, METADATA_KEY, OUTPUT_NAMES, output_names
+from .runtime import INPUT_NAMES, METADATA_FORMAT, METADATA_KEY, output_names
 
 FORMATS = ("onnx", "torchscript", "openvino")
 SUFFIXES = {"onnx": ".onnx", "openvino": ".xml"}  # how predict recognises the file; TorchScript: any
@@ -65,9 +65,6 @@ def export(model: MaskRCNN, path: str | os.PathLike, fmt: str = "onnx") -> Path:
     if next(model.parameters()).device.type != "cpu" or model.training:
         model = copy.deepcopy(model).cpu().eval()  # leave the caller's model where and as it was
     graph = DetectionGraph(model).eval()
-    if fmt == "openvino" and output_names(model.config) != OUTPUT_NAMES:  # its runtime reads these four by name
-        raise MaskRCNNError("OpenVINO export takes mask models only (this model has keypoints or no masks); "
-                            "export it as onnx or torchscript")
     if fmt == "openvino":
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")

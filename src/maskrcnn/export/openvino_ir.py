@@ -51,8 +51,9 @@ def write_ir(write_onnx, path: Path, meta: dict, metadata_key: str) -> None:
         os.replace(staged, path)
 
 
-def open_ir(path: Path, metadata_key: str, input_names, output_names, precision: str = "fp32", threads: int = 1):
-    """(run_graph, metadata text) for an IR written by `write_ir`, compiled for the CPU at `precision`."""
+def open_ir(path: Path, metadata_key: str, input_names, precision: str = "fp32", threads: int = 1):
+    """(run_graph, metadata text) for an IR written by `write_ir`, compiled for the CPU at `precision`;
+    run_graph returns every output of the graph, in its order (as ONNX Runtime's session.run(None, ...))."""
     if precision not in PRECISION_HINTS and precision != OPENVINO_DEFAULT:
         raise MaskRCNNError(f"{path}: OpenVINO models run in {' or '.join(PRECISION_HINTS)}, not {precision}")
     ov = _openvino()
@@ -71,7 +72,7 @@ def open_ir(path: Path, metadata_key: str, input_names, output_names, precision:
         config["INFERENCE_PRECISION_HINT"] = PRECISION_HINTS[precision]
     compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
-    outputs = [compiled.output(name) for name in output_names]
+    outputs = list(compiled.outputs)
 
     def run(image, image_size, score_thresh, max_detections):
         try:

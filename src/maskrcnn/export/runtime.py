@@ -97,7 +97,7 @@ class ExportedModel:
         if not path.is_file():
             raise MaskRCNNError(f"{path}: model file not found")
         if path.suffix.lower() == ".xml":
-            run, text = open_ir(path, METADATA_KEY, INPUT_NAMES, OUTPUT_NAMES, precision, torch.get_num_threads())
+            run, text = open_ir(path, METADATA_KEY, INPUT_NAMES, precision, torch.get_num_threads())
             model = cls(run, _parse_metadata(text, path), str(path))
             model.precision = precision
             return model
