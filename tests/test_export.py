@@ -399,7 +399,10 @@ def test_torchvision_layout_model_on_a_photo_that_once_failed(tmp_path_factory):
 
     Boxes within 0.2 px: random ResNet-50 weights regress boxes far past the image (clipped afterwards), so
     the kernels' rounding differences reach 0.042 px on this photo (measured), not 1e-4 px as in the tiny
-    model; scores differ by 8e-5."""
+    model; scores differ by 8e-5. The random network also makes dozens of 640 x <1 px boxes whose scores and
+    overlaps tie to within rounding, so which of two such twins NMS keeps depends on the kernels' thread
+    count (CI's 2 threads dropped one of 51 here): detections are matched one to one (same class, box within
+    0.2 px, score within 1e-3), at least 49 of every 50 must match, and matched masks must agree."""
     folder = tmp_path_factory.mktemp("torchvision")
     torch.save(torchvision_reference("v1").state_dict(), folder / "v1.pth")
     model = maskrcnn.load(folder / "v1.pth")
@@ -411,7 +414,24 @@ def test_torchvision_layout_model_on_a_photo_that_once_failed(tmp_path_factory):
     assert len(expected) > 20
     for fmt in GRAPH_FORMATS:
         path = export(model, folder / f"v1{SUFFIX[fmt]}", fmt)
-        assert_same_detections(expected, Predictor(path, score_thresh=0.5, trust_torchscript=True)(photo), fmt, box_tol=0.2)
+        actual = Predictor(path, score_thresh=0.5, trust_torchscript=True)(photo)
+        pairs = _pairs_within(expected, actual, box_tol=0.2)
+        assert len(pairs) >= 0.98 * max(len(expected), len(actual)), (fmt, len(pairs), len(expected), len(actual))
+        rows_e, rows_a = (np.array(rows) for rows in zip(*pairs))
+        assert_same_detections(expected[rows_e], actual[rows_a], fmt, box_tol=0.2)
+
+
+def _pairs_within(expected, actual, box_tol: float) -> list[tuple[int, int]]:
+    """One-to-one pairs (i, j): the same class, every box edge within `box_tol` px, scores within 1e-3."""
+    pairs, used = [], set()
+    for i in range(len(expected)):
+        close = (np.abs(actual.boxes - expected.boxes[i]).max(axis=1) <= box_tol) & (
+            actual.labels == expected.labels[i]) & (np.abs(actual.scores - expected.scores[i]) <= 1e-3)
+        j = next((int(j) for j in np.flatnonzero(close) if int(j) not in used), None)
+        if j is not None:
+            pairs.append((i, j))
+            used.add(j)
+    return pairs
 
 
 # ---- a graph that fails while running --------------------------------------------------------------------
