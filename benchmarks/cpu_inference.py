@@ -259,12 +259,13 @@ def main() -> None:
     p.add_argument("--agreement-images", help="images for --agreement-weights")
     p.add_argument("--agreement-num-images", type=int, default=60)
     p.add_argument("--agreement-score-thresh", type=float, default=0.05)
+    p.add_argument("--agreement-only", action="store_true", help="only the trained model's agreement")
     args = p.parse_args()
     if bool(args.agreement_weights) != bool(args.agreement_images):
         p.error("--agreement-weights and --agreement-images go together")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not args.train_only:
+    if not (args.train_only or args.agreement_only):
         inference(args)
     if args.agreement_weights:
         trained_agreement(args)
