@@ -243,4 +243,5 @@ def test_metrics_count_requests(server, images):
     seconds = "maskrcnn_request_seconds_count"
     assert _metric(after, seconds, path="/v1/predict") - _metric(before, seconds, path="/v1/predict") == 3
     assert _metric(after, "maskrcnn_queue_depth") == 0 and _metric(after, "maskrcnn_queue_limit") == 16
+    assert "\nmaskrcnn_images_running 0.0\n" in after
     assert _metric(after, "maskrcnn_images_per_second") > 0

@@ -71,19 +71,55 @@ def test_full_queue_is_503_with_retry_after(server, sequential):
     assert "Traceback" not in server.log()
 
 
+def _gauge(server, name) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} missing from /metrics")
+
+
+def _wait_for(condition, seconds=30.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def _one_running_one_waiting(server, paths) -> tuple[list, list] | None:
+    """Uploads paths[0], and paths[1] once the model runs the first: returns the answers list the upload
+    threads fill and the threads, once the server holds one image running and one waiting (None if the first was answered
+    before the second was queued)."""
+    answers: list = [None, None]
+
+    def upload(i):
+        answers[i] = post_image(server.url, paths[i])
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(2)]
+    threads[0].start()
+    assert _wait_for(lambda: _gauge(server, "maskrcnn_images_running") == 1 or answers[0] is not None)
+    threads[1].start()
+    assert _wait_for(lambda: _gauge(server, "maskrcnn_queue_depth") == 2 or answers[0] is not None)
+    if answers[0] is not None:
+        for thread in threads:
+            thread.join()
+        return None
+    return answers, threads
+
+
 def test_sigterm_drains_in_flight_requests(server, sequential):
     paths = list(sequential)[:2]  # one for the model, one for the queue's place
-    answers: list = []
-    worker = threading.Thread(target=lambda: answers.extend(burst(server.url, paths)))
-    worker.start()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # until the model is busy with them
-        if "\nmaskrcnn_queue_depth 0.0" not in httpx.get(server.url + "/metrics").text:
+    for _ in range(5):  # a first image answered before the second is queued leaves nothing to drain: again
+        in_flight = _one_running_one_waiting(server, paths)
+        if in_flight is not None:
             break
-        time.sleep(0.005)
+    assert in_flight is not None, "the model answered each first image before a second one could be queued"
+    answers, threads = in_flight
     sent = time.monotonic()
     server.terminate()
-    worker.join()
+    for thread in threads:
+        thread.join()
     server.process.wait(timeout=10)
     assert time.monotonic() - sent < 10
     # uvicorn ends by raising the signal again once shut down: killed by SIGTERM, after a clean shutdown.

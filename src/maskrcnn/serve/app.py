@@ -133,7 +133,8 @@ class _Server:
         self.service = ModelService(load)
         self.batcher = Batcher(self.service.run_batch, options.queue_size, options.max_batch, options.batch_wait_s,
                                on_batch=self._observe_batch)
-        self.metrics = ServerMetrics(lambda: self.batcher.depth, options.queue_size)
+        self.metrics = ServerMetrics(lambda: self.batcher.depth, options.queue_size,
+                                     lambda: self.batcher.running)
         self.folder: UploadFolder | None = None
         self._on_load_failure = on_load_failure
 

@@ -73,6 +73,11 @@ class Batcher:
         """Jobs waiting plus jobs being run."""
         return self._queue.qsize() + self._running
 
+    @property
+    def running(self) -> int:
+        """Jobs taken from the queue and not answered yet."""
+        return self._running
+
     def retry_after_s(self) -> int:
         """A guess at when the queue will have room: its depth times the recent time per image."""
         return max(1, round(self.depth * self._seconds_per_image + 0.5))
