@@ -7,6 +7,14 @@ The random reference is chaotic (benchmarks/README.md, bf16 agreement), so the e
 little; the branch-alone distances are the keypoint head's own bf16 error.
 
     PYTHONPATH=src python benchmarks/keypoint_bf16.py [--images 000000350679 ...]
+
+With --weights (a trained keypoint model) and --folder (its validation images), the same two figures on
+that model instead: a trained model's agreement is the one that says what bf16 costs.
+
+    PYTHONPATH=src python benchmarks/keypoint_bf16.py --weights runs/figures/model.safetensors \\
+        --folder data/figures/val [--annotations data/figures/annotations/keypoints_val.json]
+
+With --annotations (the folder's COCO keypoint file) also the model's keypoint and box AP in each precision.
 """
 
 from __future__ import annotations
@@ -30,10 +38,10 @@ from maskrcnn.modeling.plan import inference_plan  # noqa: E402
 PHOTOS = ROOT / "tests" / "assets" / "coco" / "val2017"
 
 
-def read(name: str) -> torch.Tensor:
+def read(path: Path) -> torch.Tensor:
     from PIL import Image
 
-    with Image.open(PHOTOS / f"{name}.jpg") as im:
+    with Image.open(path) as im:
         return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).float() / 255
 
 
@@ -50,15 +58,24 @@ def branch_alone(model, image: torch.Tensor, boxes: torch.Tensor, precision: str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", nargs="+", default=["000000350679", "000000183709", "000000151938"])
+    parser.add_argument("--images", nargs="+", default=["000000350679", "000000183709", "000000151938"],
+                        help="COCO photos of tests/assets (random reference model)")
+    parser.add_argument("--weights", help="a trained keypoint model instead of the random reference")
+    parser.add_argument("--folder", help="with --weights: the images to compare on (every .png/.jpg)")
+    parser.add_argument("--annotations", help="with --weights: the folder's COCO keypoint json, for AP")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(torchvision_keypoint_reference().state_dict(), Path(tmp) / "kp.pth")
-        model = maskrcnn.load(Path(tmp) / "kp.pth")
+    if args.weights:
+        model = maskrcnn.load(args.weights)
+        paths = sorted(p for p in Path(args.folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(torchvision_keypoint_reference().state_dict(), Path(tmp) / "kp.pth")
+            model = maskrcnn.load(Path(tmp) / "kp.pth")
+        paths = [PHOTOS / f"{name}.jpg" for name in args.images]
     matched = total = 0
     end_to_end, alone = [], []
-    for name in args.images:
-        image = read(name)
+    for path in paths:
+        image = read(path)
         fp32 = model.predict([image], settings=model.inference_settings(precision="fp32"))[0]
         bf16 = model.predict([image], settings=model.inference_settings(precision="bf16"))[0]
         total += len(fp32["boxes"])
@@ -81,6 +98,19 @@ def main() -> None:
             print(f"{label}: {len(d)} keypoints, identical {100 * float((d == 0).float().mean()):.1f}%, "
                   f"within 1 px {100 * float((d <= 1).float().mean()):.1f}%, median {float(d.median()):.2f} px, "
                   f"95th percentile {float(d.quantile(0.95)):.2f} px")
+    if args.weights and args.annotations:
+        average_precisions(model, args.annotations, args.folder)
+
+
+def average_precisions(model, annotations: str, folder: str) -> None:
+    from maskrcnn.data.coco import CocoDataset
+    from maskrcnn.engine.trainer import evaluate_model
+
+    dataset = CocoDataset(annotations, folder)
+    for precision in ("fp32", "bf16"):
+        model.precision = precision  # the default of every predict call
+        metrics = evaluate_model(model, dataset, torch.device("cpu"))
+        print(f"{precision}: keypoint AP {metrics['keypoints']['AP']:.3f}, bbox AP {metrics['bbox']['AP']:.3f}")
 
 
 if __name__ == "__main__":

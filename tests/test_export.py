@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -535,3 +537,14 @@ def test_openvino_an_ir_from_elsewhere_is_refused(tmp_path):
     with pytest.raises(MaskRCNNError, match=r"other\.xml: an OpenVINO model, but not one written by"):
         ExportedModel.load(tmp_path / "other.xml")
 
+
+
+def test_openvino_export_leaves_only_its_files_and_clears_a_killed_export_s_staging(model, tmp_path):
+    process = subprocess.Popen([sys.executable, "-c", "pass"])  # a pid whose process has ended
+    process.wait()
+    stale = tmp_path / f".model.xml.{process.pid}.0123abcd.tmp"  # what a killed export left
+    (stale / "graph.onnx").parent.mkdir()
+    (stale / "graph.onnx").write_bytes(b"half a graph")
+    (tmp_path / "notes.txt").write_text("the user's")
+    export(model, tmp_path / "model.xml", "openvino")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin", "model.xml", "notes.txt"]

@@ -50,10 +50,19 @@ def test_stale_temps_of_ended_processes_are_removed_and_nothing_else(tmp_path):
             f"x.png.{dead}.0123abcd.tmp"]            # not hidden: not ours
     for name in ours_dead + keep:
         (tmp_path / name).write_text("left behind")
-    (tmp_path / f".sub.{dead}.0123abcd.tmp").mkdir()  # a folder: never removed
+    staging = tmp_path / f".model.xml.{dead}.0123abcd.tmp"  # a killed OpenVINO export's staging folder
+    (staging / "inner").mkdir(parents=True)
+    (staging / "inner" / "graph.onnx").write_text("half a graph")
+    elsewhere = tmp_path / "user-folder"  # a link of our pattern to someone's folder: neither it nor its target
+    (elsewhere / "precious.txt").parent.mkdir()
+    (elsewhere / "precious.txt").write_text("keep me")
+    link = tmp_path / f".link.{dead}.0123abcd.tmp"
+    link.symlink_to(elsewhere, target_is_directory=True)
+    keep += ["user-folder", link.name]
     removed = remove_stale_temps(tmp_path)
-    assert sorted(p.name for p in removed) == sorted(ours_dead)
-    assert sorted(os.listdir(tmp_path)) == sorted(keep + [f".sub.{dead}.0123abcd.tmp"])
+    assert sorted(p.name for p in removed) == sorted(ours_dead + [staging.name])
+    assert sorted(os.listdir(tmp_path)) == sorted(keep)
+    assert (elsewhere / "precious.txt").read_text() == "keep me"
 
 
 def test_temp_names_match_the_stale_pattern_and_keep_suffix_on_request(tmp_path):

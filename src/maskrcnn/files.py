@@ -4,7 +4,8 @@ marker file by which a command recognises an output folder it made.
 Every temporary file is named `.<final name>.<pid>.<8 hex>.tmp` (plus the final suffix where a writer picks
 its format from it, e.g. `.tmp.mp4`), beside the final file. A killed process leaves such files behind;
 `remove_stale_temps` removes exactly those (our name pattern, written by a process that is no longer running)
-and nothing else.
+and nothing else. A writer that needs several files before one rename (an OpenVINO .xml + .bin) stages them
+in a folder named the same way, which `remove_stale_temps` removes whole.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,16 +63,21 @@ def mark_folder(folder: str | os.PathLike, marker: str, note: str) -> None:
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files that killed runs left in `folder` (not its subfolders): only names made
-    by `temp_path`, and only those whose process is no longer running here, so a run writing into the same
-    folder at the same time keeps its files. Returns what was removed."""
+    """Remove the temporary files (and staging folders) that killed runs left in `folder`, not looking into
+    its other subfolders: only names made by `temp_path`, and only those whose process is no longer running
+    here, so a run writing into the same folder at the same time keeps its files. Returns what was removed."""
     removed = []
     for entry in os.scandir(folder):
         match = _TEMP_NAME.match(entry.name)
-        if match is None or not entry.is_file(follow_symlinks=False) or _is_running(int(match["pid"])):
+        if match is None or entry.is_symlink() or _is_running(int(match["pid"])):
             continue
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            elif entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+            else:
+                continue
             removed.append(Path(entry.path))
     return removed
 

@@ -19,7 +19,7 @@ import torch
 from .checks import COUNT, PROBABILITY, check_fields
 from .data.images import DEFAULT_MAX_PIXELS, read_image, to_float_tensor
 from .devices import resolve_device
-from .errors import MaskRCNNError
+from .errors import MaskRCNNError, first_line
 from .export.runtime import ExportedModel, is_exported_file
 from .modeling.model import MaskRCNN
 from .modeling.settings import InferenceSettings
@@ -274,12 +274,8 @@ def as_user_error(path, error: Exception) -> MaskRCNNError:
         return error
     if is_out_of_memory(error):
         return MaskRCNNError(f"{path}: not enough memory to process this image "
-                             f"({type(error).__name__}: {_first_line(error)})")
-    return MaskRCNNError(f"{path}: {_first_line(error)}")
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+                             f"({type(error).__name__}: {first_line(error)})")
+    return MaskRCNNError(f"{path}: {first_line(error)}")
 
 
 __all__ = ["Predictor"]

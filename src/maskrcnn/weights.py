@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MaskRCNNError
+from .errors import MaskRCNNError, first_line
 from .files import atomic_path
 from .modeling.keypoints import COCO_PERSON_KEYPOINT_NAMES, COCO_PERSON_SKELETON
 from .modeling.model import ARCHS, MaskRCNN, ModelConfig, arch_config
@@ -131,6 +131,7 @@ def infer_config(state: dict[str, torch.Tensor], source: str = "checkpoint") -> 
     base.masks, base.keypoints = masks, keypoints
     if keypoints:
         base.keypoint_head_channels = int(kp_weight.shape[0])
+        base.keypoint_head_convs = len({k.split(".")[2] for k in state if k.startswith("keypoint_head.convs.")})
         if keypoints == len(COCO_PERSON_KEYPOINT_NAMES):  # torchvision's files carry no names: COCO's persons
             base.keypoint_names, base.skeleton = COCO_PERSON_KEYPOINT_NAMES, COCO_PERSON_SKELETON
     if base.backbone_norm == "frozen_bn" and "backbone.bn1.num_batches_tracked" in state:
@@ -202,8 +203,7 @@ def _unreadable(path: Path, error: Exception) -> str:
     if isinstance(error, pickle.UnpicklingError) or "weights_only" in text:
         return (f"{path}: not a PyTorch checkpoint that can be loaded safely: it holds Python objects besides "
                 "tensors, and loading them would run code from the file; save the model's state_dict() instead")
-    first = text.splitlines()[0] if text else type(error).__name__
-    return f"{path}: not a PyTorch checkpoint that can be loaded safely ({first})"
+    return f"{path}: not a PyTorch checkpoint that can be loaded safely ({first_line(error)})"
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelConfig, list[str], list[int]]:

@@ -103,3 +103,34 @@ def test_the_model_gets_a_keypoint_head_of_the_datasets_size_with_its_names_and_
     assert asked == [{"keypoints": 5, "keypoint_names": tuple(NAMES), "skeleton": ((1, 2), (1, 3))}]
     build_training_model(config, 2, ["__background__", "figure"], [0, 1])
     assert asked[1] == {}  # no keypoints: no keypoint options, the ModelConfig defaults
+
+
+def test_the_recipe_s_keypoint_head_and_its_loss_weight(figures, tmp_path):
+    """From scratch the keypoint head is the recipe's (4 convs of 128 channels with BatchNorm, not
+    torchvision's 8 of 512); `loss_weights` reaches the keypoint loss: weighted 0 (plain SGD, no weight
+    decay) the keypoint predictor does not move while the box predictor does."""
+    import maskrcnn
+    from maskrcnn.engine.train import train
+
+    small = {"fpn_channels": 32, "mask_head_channels": 32, "box_head_hidden": 64}
+    recipe = build_training_model(_config(figures, arch="resnet18_fpn", model=small), 2, ["__background__", "figure"],
+                                  [0, 1], keypoint_names=NAMES)[0]
+    convs = recipe.keypoint_head.convs
+    assert len(convs) == 4 and {conv.conv.out_channels for conv in convs} == {128}
+    assert all(isinstance(conv.norm, torch.nn.BatchNorm2d) for conv in convs)
+
+    def moved(weights, name):
+        config = _config(figures, arch="resnet18_fpn", out=str(tmp_path / name), iters=2, optimizer="sgd", lr=0.01,
+                         weight_decay=0.0, warmup_iters=0, bf16=False, loss_weights=weights, ema_decay=None,
+                         eval_every=None, model={**small, "keypoint_head_channels": 16})
+        model = build_training_model(config, 2, ["__background__", "figure"], [0, 1], keypoint_names=NAMES,
+                                     skeleton=[[1, 2]])[0]
+        init = {k: v.clone() for k, v in model.state_dict().items()}
+        train(config, progress=False)
+        final = maskrcnn.load(str(tmp_path / name / "model.safetensors")).state_dict()
+        changed = {k for k in init if not torch.equal(init[k], final[k])}
+        return (any(k.startswith("keypoint_predictor.") for k in changed),
+                any(k.startswith("box_predictor.") for k in changed))
+
+    assert moved({"loss_keypoint": 0.0}, "no_keypoint") == (False, True)
+    assert moved({}, "all") == (True, True)

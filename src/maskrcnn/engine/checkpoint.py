@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MaskRCNNError
+from ..errors import MaskRCNNError, first_line
 from ..files import atomic_path
 
 TRAIN_FORMAT_TAG = "maskrcnn.train.v1"
@@ -46,8 +46,7 @@ def read_training_checkpoint(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, wrong format, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MaskRCNNError(f"{path}: cannot read training checkpoint ({first})") from None
+        raise MaskRCNNError(f"{path}: cannot read training checkpoint ({first_line(e)})") from None
     if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT_TAG:
         raise MaskRCNNError(f"{path}: not a maskrcnn training checkpoint (cannot resume from it)")
     return state

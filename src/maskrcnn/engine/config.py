@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..checks import NON_NEGATIVE, check_fields
-from ..errors import MaskRCNNError
+from ..errors import MaskRCNNError, first_line
 from .train_rules import OPTIONAL, TRAIN_RULES
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 SCRATCH_MODEL = {
     "backbone_norm": "bn", "fpn_norm": "bn", "head_norm": "bn", "mlp_head_norm": "bn", "frozen_stages": 0,
     "fpn_channels": 128, "mask_head_channels": 128, "box_batch_size_per_image": 128,
+    "keypoint_head_channels": 128, "keypoint_head_convs": 4,  # used only on keypoint data
     "box_positive_fraction": 0.5, "mask_rois_per_image": 16,
     "box_head": "split_mlp", "gt_jitter_copies": 10,
     "box_sampling_ratio": 4,
@@ -35,7 +36,7 @@ SCRATCH_MODEL = {
 }
 
 # What the model returns in training mode (maskrcnn/modeling/losses.py), the keys of loss_weights.
-LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
+LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask", "loss_keypoint")
 
 # Settings that change what a run computes; changing one on --resume means the run no longer matches an
 # uninterrupted one (allowed, e.g. to extend a run, but reported).
@@ -180,7 +181,7 @@ def load_config_file(path: str | os.PathLike) -> dict:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise MaskRCNNError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} "
-                            f"({str(e).splitlines()[0]})") from None
+                            f"({first_line(e)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import shutil
 from pathlib import Path
 
-from ..errors import MaskRCNNError
-from ..files import temp_path
+from ..errors import MaskRCNNError, first_line
+from ..files import remove_stale_temps, temp_path
 
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 OPENVINO_DEFAULT = "openvino-default"  # no hint: OpenVINO's own choice for this CPU (benchmarks compare it)
@@ -36,19 +36,25 @@ def _openvino():
 def write_ir(write_onnx, path: Path, meta: dict, metadata_key: str) -> None:
     """`write_onnx(onnx_path)` writes the graph as ONNX; it is converted to IR at `path` (.xml) and its
     weights file beside it (.bin). The .bin is moved into place first and the .xml last, so a complete
-    .xml never points at a half-written .bin."""
+    .xml never points at a half-written .bin. The files are staged in a folder named as `files.temp_path`
+    names temporary files, so a killed export's leftovers are removed by the next one into that folder."""
     ov = _openvino()
-    with tempfile.TemporaryDirectory(prefix=".maskrcnn-openvino-", dir=path.parent) as folder:
-        onnx_path = Path(folder) / "graph.onnx"
+    remove_stale_temps(path.parent)
+    folder = temp_path(path)
+    folder.mkdir()
+    try:
+        onnx_path = folder / "graph.onnx"
         write_onnx(str(onnx_path))
         model = ov.convert_model(str(onnx_path))
         model.set_rt_info(json.dumps(meta), [metadata_key])
-        staged = Path(folder) / "model.xml"
+        staged = folder / "model.xml"
         ov.save_model(model, str(staged), compress_to_fp16=False)
         bin_tmp = temp_path(path.with_suffix(".bin"))
         os.replace(staged.with_suffix(".bin"), bin_tmp)
         os.replace(bin_tmp, path.with_suffix(".bin"))
         os.replace(staged, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def open_ir(path: Path, metadata_key: str, input_names, precision: str = "fp32", threads: int = 1):
@@ -63,7 +69,7 @@ def open_ir(path: Path, metadata_key: str, input_names, precision: str = "fp32",
     try:
         model = core.read_model(str(path))
     except Exception as e:  # OpenVINO raises its own exception types for unreadable files
-        raise MaskRCNNError(f"{path}: not a valid OpenVINO model ({_first_line(e)})") from None
+        raise MaskRCNNError(f"{path}: not a valid OpenVINO model ({first_line(e)})") from None
     if not model.has_rt_info([metadata_key]) or [i.get_any_name() for i in model.inputs] != list(input_names):
         raise MaskRCNNError(f"{path}: an OpenVINO model, but not one written by `maskrcnn export`")
     text = model.get_rt_info([metadata_key]).astype(str)
@@ -78,11 +84,7 @@ def open_ir(path: Path, metadata_key: str, input_names, precision: str = "fp32",
         try:
             result = request.infer(dict(zip(input_names, (image, image_size, score_thresh, max_detections))))
         except Exception as e:
-            raise MaskRCNNError(f"{path}: the exported model failed on this image ({_first_line(e)[:300]})") from None
+            raise MaskRCNNError(f"{path}: the exported model failed on this image ({first_line(e)[:300]})") from None
         return [result[o].copy() for o in outputs]
 
     return run, text
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -12,11 +12,12 @@ from .mask_head import MaskHead
 
 
 class KeypointHead(MaskHead):
-    """The mask head's layout, deeper and wider: eight 3x3 convs of 512 channels with ReLU, no norm
-    (torchvision's KeypointRCNNHeads). (K, C, 14, 14) -> (K, channels, 14, 14)."""
+    """The mask head's layout, deeper and wider: by default eight 3x3 convs of 512 channels with ReLU, no
+    norm (torchvision's KeypointRCNNHeads); the from-scratch recipe uses fewer, narrower convs with
+    BatchNorm. (K, C, 14, 14) -> (K, channels, 14, 14)."""
 
-    def __init__(self, in_channels: int, channels: int = 512, num_convs: int = 8):
-        super().__init__(in_channels, channels, num_convs)
+    def __init__(self, in_channels: int, channels: int = 512, num_convs: int = 8, norm: str | None = None):
+        super().__init__(in_channels, channels, num_convs, norm)
 
 
 class KeypointPredictor(nn.Module):

@@ -53,7 +53,7 @@ class ModelConfig:
     fpn_channels: int = 256
     rpn_conv_depth: int = 1
     box_head: str = "mlp"                # mlp (2fc) | split_mlp (2fc for classes, 2fc for boxes) | conv (4conv + 1fc)
-    head_norm: str | None = None         # norm in the conv box head and the mask head
+    head_norm: str | None = None         # norm in the conv box head, the mask head and the keypoint head
     mlp_head_norm: str | None = None     # norm after each fully connected layer of the (split) mlp head: bn | gn
     box_head_hidden: int = 1024
     box_sampling_ratio: int = 2          # RoIAlign sample points per bin side for the box head (torchvision: 2)
@@ -63,6 +63,7 @@ class ModelConfig:
     keypoints: int = 0                   # keypoints per object of the keypoint branch (0: no keypoint branch)
     keypoint_sampling_ratio: int = 2     # RoIAlign sample points per bin side for the keypoint head
     keypoint_head_channels: int = 512
+    keypoint_head_convs: int = 8         # 3x3 convs of the keypoint head (torchvision: 8 of 512 channels)
     # what the keypoints are, stored with the weights as the class names are: names (empty: keypoint_<i>)
     # and the skeleton's edges as pairs of 1-based keypoint indices (COCO's convention), for drawing
     keypoint_names: tuple[str, ...] = ()
@@ -150,6 +151,7 @@ _MODEL_RULES = {
     "rpn_conv_depth": NON_NEGATIVE_INT, "box_head_hidden": COUNT, "box_sampling_ratio": COUNT,
     "mask_sampling_ratio": COUNT, "mask_head_channels": COUNT, "max_size": COUNT,
     "keypoints": NON_NEGATIVE_INT, "keypoint_sampling_ratio": COUNT, "keypoint_head_channels": COUNT,
+    "keypoint_head_convs": COUNT,
     "box_fg_iou_thresh": PROBABILITY, "box_bg_iou_thresh": PROBABILITY, "box_batch_size_per_image": COUNT,
     "box_positive_fraction": PROBABILITY, "mask_rois_per_image": COUNT, "gt_jitter_copies": NON_NEGATIVE_INT,
     "score_thresh": PROBABILITY, "nms_thresh": PROBABILITY, "detections_per_img": COUNT,
@@ -245,7 +247,8 @@ class MaskRCNN(nn.Module):
             self.mask_predictor = MaskPredictor(c.mask_head_channels, c.num_classes, c.mask_head_channels)
         if c.keypoints:
             self.keypoint_pooler = MultiLevelRoIAlign(14, sampling_ratio=c.keypoint_sampling_ratio)
-            self.keypoint_head = KeypointHead(c.fpn_channels, c.keypoint_head_channels)
+            self.keypoint_head = KeypointHead(c.fpn_channels, c.keypoint_head_channels, c.keypoint_head_convs,
+                                              norm=c.head_norm)
             self.keypoint_predictor = KeypointPredictor(c.keypoint_head_channels, c.keypoints)
 
     @property
