@@ -63,8 +63,11 @@ def main() -> None:
             trainer = _Trainer(resolve_defaults(config_with(base, changes), device), info, device, False, False)
             if state is not None:
                 # strict=False: a GroupNorm option has no running statistics to take, a shared box head
-                # none of the split head's layers; the rest of the weights is all their timing needs
-                trainer.network.load_state_dict(state, strict=False)
+                # none of the split head's layers, a narrower head other shapes; the rest of the weights
+                # is all their timing needs
+                own = trainer.network.state_dict()
+                fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+                trainer.network.load_state_dict(fitting, strict=False)
             steps[name] = _stepper(trainer)
         times = {name: [] for name in steps}
         names = list(steps)

@@ -25,14 +25,14 @@ if TYPE_CHECKING:
 # rpn.post_nms_top_n_test for crowded images.
 SCRATCH_MODEL = {
     "backbone_norm": "bn", "fpn_norm": "bn", "head_norm": "bn", "mlp_head_norm": "bn", "frozen_stages": 0,
-    "fpn_channels": 128, "mask_head_channels": 128, "box_batch_size_per_image": 128,
+    "fpn_channels": 128, "mask_head_channels": 128, "box_head_hidden": 512, "box_batch_size_per_image": 64,
     "keypoint_head_channels": 128, "keypoint_head_convs": 4,  # used only on keypoint data
     "box_positive_fraction": 0.5, "mask_rois_per_image": 16,
     "box_head": "split_mlp", "gt_jitter_copies": 10,
     "box_sampling_ratio": 4,
     "mask_paste": "exact",
     "anchor_sizes": [16, 32, 64, 128, 256],
-    "rpn": {"pre_nms_top_n_train": 1000, "post_nms_top_n_train": 1000, "post_nms_top_n_test": 100},
+    "rpn": {"pre_nms_top_n_train": 500, "post_nms_top_n_train": 500, "post_nms_top_n_test": 100},
 }
 
 # What the model returns in training mode (maskrcnn/modeling/losses.py), the keys of loss_weights.
