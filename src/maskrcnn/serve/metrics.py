@@ -19,7 +19,7 @@ RATE_WINDOW_S = 60.0
 class ServerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, queue_depth, queue_size: int, running=None):
+    def __init__(self, queue_depth, queue_size: int, running):
         self.registry = CollectorRegistry()
         self.requests = Counter("maskrcnn_requests", "HTTP requests answered, by path and status code",
                                 ["path", "status"], registry=self.registry)
@@ -30,10 +30,9 @@ class ServerMetrics:
                                     buckets=(1, 2, 4, 8, 16, 32), registry=self.registry)
         depth = Gauge("maskrcnn_queue_depth", "images waiting or being run", registry=self.registry)
         depth.set_function(queue_depth)
-        if running is not None:
-            busy = Gauge("maskrcnn_images_running", "images the model is running now (the rest of the depth waits)",
-                         registry=self.registry)
-            busy.set_function(running)
+        busy = Gauge("maskrcnn_images_running", "images the model is running now (the rest of the depth waits)",
+                     registry=self.registry)
+        busy.set_function(running)
         limit = Gauge("maskrcnn_queue_limit", "the most images the queue holds (--queue-size)",
                       registry=self.registry)
         limit.set(queue_size)
