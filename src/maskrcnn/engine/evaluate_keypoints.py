@@ -8,6 +8,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from ..errors import MaskRCNNError
+from ..modeling.keypoints import COCO_PERSON_KEYPOINT_NAMES
 
 
 def keypoint_categories(coco_gt: COCO) -> list[int]:
@@ -38,12 +39,7 @@ def keypoint_sigmas(coco_gt: COCO) -> np.ndarray:
 
     coco_sigmas = Params(iouType="keypoints").kpt_oks_sigmas
     names = coco_gt.cats[keypoint_categories(coco_gt)[0]]["keypoints"]
-    return coco_sigmas if list(names) == COCO_PERSON_KEYPOINTS else np.full(len(names), coco_sigmas.mean())
-
-
-COCO_PERSON_KEYPOINTS = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder",
-                         "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip",
-                         "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle"]
+    return coco_sigmas if tuple(names) == COCO_PERSON_KEYPOINT_NAMES else np.full(len(names), coco_sigmas.mean())
 
 
 def keypoint_lists(keypoints) -> list[list[float]]:
