@@ -218,3 +218,20 @@ def test_predict_dataset_carries_the_models_keypoints_into_the_results(tmp_path,
     metrics = coco_evaluate(path, results, iou_types=("bbox", "keypoints"), verbose=False)
     assert metrics["keypoints"]["AP"] == pytest.approx(1.0, abs=1e-9)
     assert metrics["per_class"]["bbox"] == {"arrow": pytest.approx(1.0, abs=1e-9), "ball": 0.0}
+
+
+def test_keypoints_of_the_wrong_shape_fail_their_image_with_one_line(tmp_path, capsys):
+    class _Flat(_KeypointOracle):
+        def forward(self, images):
+            return [{**output, "keypoints": output["keypoints"].reshape(len(output["boxes"]), -1)}
+                    for output in super().forward(images)]
+
+    items = []
+    for image_id in (1, 2):
+        image = torch.zeros(3, 80, 100)
+        image[0, 0, 0] = image_id
+        items.append((image, {"image_id": image_id}))
+    results = predict_dataset(_Flat(_toy_json(), True), items, category_ids=[0, 3], progress=False)
+    assert list(results) == [] and results.failed_image_ids == [1, 2]
+    assert all("ValueError: model returned keypoints of shape" in f.error and "expected (N, K, 3)" in f.error
+               and "\n" not in f.error for f in results.failures)

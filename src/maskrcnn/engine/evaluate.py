@@ -34,9 +34,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from ..checks import COUNT, PROBABILITY
-from .evaluate_keypoints import (check_keypoint_lengths, keypoint_categories, keypoint_lists, keypoint_results,
-                                 keypoint_sigmas)
-from ..errors import MaskRCNNError
+from .evaluate_keypoints import check_keypoint_lengths, keypoint_categories, keypoint_results, keypoint_sigmas
+from ..errors import MaskRCNNError, first_line
 from ..files import write_text_atomic
 from ..masks import MaskCrops
 from ..modeling.model import MaskRCNN
@@ -266,9 +265,7 @@ class PredictionResults(list):
 
 
 def _one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    first = text.splitlines()[0] if text else ""
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+    return f"{type(error).__name__}: {first_line(error)}" if str(error).strip() else type(error).__name__
 
 
 def _to_coco(output: dict, image_id: int, image_size, category_ids, mask_threshold: float) -> list[dict]:
@@ -297,15 +294,16 @@ def _to_coco(output: dict, image_id: int, image_size, category_ids, mask_thresho
             # COCO masks must be at the annotated image size, or IoUs are meaningless (pycocotools raises).
             raise ValueError(f"model returned {tuple(masks.shape[-2:])} masks for a {tuple(image_size)} image")
         rles = encode_rle(mask_pixels(masks, mask_threshold))
-    entries = coco_results(boxes, labels, scores, rles, category_ids=category_ids,
-                           fields={"image_id": int(image_id)}, exact=True)
-    if output.get("keypoints") is not None:
-        keypoints = keypoint_lists(output["keypoints"])
-        if len(keypoints) != len(entries):
-            raise ValueError(f"model returned {len(keypoints)} sets of keypoints for {len(boxes)} boxes")
-        for entry, points in zip(entries, keypoints):
-            entry["keypoints"] = points
-    return entries
+    keypoints = output.get("keypoints")
+    if keypoints is not None:
+        keypoints = keypoints.detach().float().cpu().numpy()
+        if keypoints.ndim != 3 or keypoints.shape[2] not in (2, 3) or len(keypoints) != len(boxes):
+            raise ValueError(f"model returned keypoints of shape {tuple(keypoints.shape)} for {len(boxes)} boxes, "
+                             f"expected (N, K, 3)")
+        if keypoints.shape[2] == 2:  # x, y only: v 1 (COCO results carry a v that OKS does not read)
+            keypoints = np.concatenate([keypoints, np.ones(keypoints.shape[:2] + (1,), np.float32)], axis=2)
+    return coco_results(boxes, labels, scores, rles, category_ids=category_ids,
+                        fields={"image_id": int(image_id)}, exact=True, keypoints=keypoints)
 
 
 def predict_dataset(model, dataset, *, category_ids, batch_size: int = 1, mask_threshold: float = 0.5,

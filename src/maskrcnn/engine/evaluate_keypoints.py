@@ -41,14 +41,3 @@ def keypoint_sigmas(coco_gt: COCO) -> np.ndarray:
     names = coco_gt.cats[keypoint_categories(coco_gt)[0]]["keypoints"]
     return coco_sigmas if tuple(names) == COCO_PERSON_KEYPOINT_NAMES else np.full(len(names), coco_sigmas.mean())
 
-
-def keypoint_lists(keypoints) -> list[list[float]]:
-    """(N, K, 3) or (N, K, 2) model keypoints (a tensor or array) as COCO result lists [x1, y1, v1, ...];
-    v is 1 where the model gives none (COCO results carry a v that OKS does not read)."""
-    array = np.asarray(keypoints.detach().float().cpu() if hasattr(keypoints, "detach") else keypoints,
-                       dtype=np.float64)
-    if array.ndim != 3 or array.shape[2] not in (2, 3):
-        raise ValueError(f"model returned keypoints of shape {tuple(array.shape)}, expected (N, K, 3)")
-    if array.shape[2] == 2:
-        array = np.concatenate([array, np.ones(array.shape[:2] + (1,))], axis=2)
-    return [row.ravel().tolist() for row in array]
