@@ -35,7 +35,7 @@ def main() -> None:
     core = ov.Core()
     print(f"{'conv':<26}{'OV bf16':>9}{'torch bf16':>12}{'OV f32':>9}{'torch f32':>11}   (ms, median of 5)")
     for c_in, c_out, k, h, w in SHAPES:
-        layer = nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=k // 2), nn.ReLU()).eval()
+        layer = nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=k // 2), nn.ReLU(inplace=True)).eval()  # as our model
         x = torch.randn(1, c_in, h, w)
         row = {}
         with tempfile.TemporaryDirectory() as tmp:

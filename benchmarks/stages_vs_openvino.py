@@ -6,8 +6,10 @@ stage by stage, and each path's seconds per image measured in blocks.
 Stages: ours from forward hooks on the model's modules (wall clock around each); OpenVINO from its own
 per-node counters (PERF_COUNT), grouped by the module its node names carry (`/backbone/layer1.0/...`);
 nodes the exporter left unnamed (RoIAlign, the mask predictor's transposed conv, sigmoid, ...) are summed
-as "unnamed graph nodes", and "outside" is the wall time not in any stage (ours: the transform's output,
-proposal and detection post-processing, pasting; OpenVINO: the host-side pre- and post-processing).
+as "unnamed graph nodes", and "outside" is the wall time not in any stage (ours: the transform, the FPN
+levels converted to fp32 for the poolers, box selection, pasting; OpenVINO: its host-side pre- and post-processing,
+less the amount by which its per-node counters add up to more than its wall time: it can come out
+negative, and then compares nothing).
 
 Timing runs each path over all images in a block, blocks alternating between paths, median of three: a
 path interleaved image by image with another one finds glibc's malloc trimmed by the other and
